@@ -1,0 +1,8 @@
+"""nc_ray: distributed sweeps on Ray for deep neural collapse and low-rank bias."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("nc_ray")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
