@@ -1,0 +1,268 @@
+"""Per-layer collapse, rank and bound-certificate metrics, every name and formula as in SCIENCE.md.
+
+Computed for all G members of a pack at once in float64: batched SVDs of W_l, and class
+statistics of each layer's input Z_{l-1} streamed over the metric set in chunks, in two passes
+(class means first, then deviations from them), so the metric set never has to fit in memory
+as a whole. The certificate uses the per-sample output gradients δ_i = ∂ℓ_i/∂h_i, obtained by
+one backward pass per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nc_ray.models import Network, PackedNetwork, forward_layers
+from nc_ray.train import per_sample_loss
+
+RANK_THRESHOLDS = {"rank_rel_1e1": 1e-1, "rank_rel_1e2": 1e-2, "rank_rel_1e3": 1e-3}
+# Relative tolerance of the certificate check: dist_k and b0 are float64 results of different
+# computations (an SVD versus matrix products), which agree to ~1e-13 of ||W||_F.
+BOUND_TOLERANCE = 1e-9
+# Singular values of M̃ below this fraction of the largest are treated as zero by the pseudo-inverse
+# (M̃ has rank <= K-1 by construction, and its null direction comes out at ~1e-16 relative).
+PINV_RTOL = 1e-10
+_CHUNK_BYTES = 256 * 2**20
+
+LAYER_METRICS = (
+    "sv_max", "stable_rank", "effective_rank", *RANK_THRESHOLDS, "dist_k", "dist_k_rel", "dist_km1",
+    "tcv", "tcv_sq", "tcv_rel", "nc1",
+    "grad_norm", "b0", "b1", "b2", "bound_ok", "bound_ratio", "balance_gap",
+)
+PENULTIMATE_METRICS = ("nc2_equinorm", "nc2_equiangular", "nc3", "nc4")
+MEMBER_METRICS = ("loss", "accuracy")
+
+
+@dataclass(frozen=True)
+class PackMetrics:
+    """Metrics of a pack on one metric set.
+
+    `layer[name]` is (G, L); `penultimate[name]` and `member[name]` are (G,) (penultimate ones
+    belong to layer L, whose input is the penultimate features); `singular_values[l]` is
+    (G, min(out, in)) for layer l+1, descending.
+    """
+
+    layer: dict[str, np.ndarray]
+    penultimate: dict[str, np.ndarray]
+    member: dict[str, np.ndarray]
+    singular_values: list[np.ndarray]
+    n_samples: int
+
+    def rows(self, index: int) -> list[dict]:
+        """One dict per layer (1..L) for member `index`, with exactly the SCIENCE.md names."""
+        depth = len(self.singular_values)
+        rows = []
+        for layer in range(depth):
+            row = {"layer": layer + 1}
+            row.update({name: _scalar(values[index, layer]) for name, values in self.layer.items()})
+            row.update({name: _scalar(values[index]) if layer == depth - 1 else None for name, values in self.penultimate.items()})
+            row["singular_values"] = self.singular_values[layer][index].tolist()
+            rows.append(row)
+        return rows
+
+
+def _scalar(value: np.generic) -> float | int | bool | None:
+    value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def spectrum_metrics(weights: torch.Tensor, n_classes: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Spectral metrics of a batch of matrices (G, out, in), and their singular values (G, r)."""
+    sv = torch.linalg.svdvals(weights)
+    sv_max = sv[:, 0]
+    frobenius_sq = sv.square().sum(1)
+    p = sv / sv.sum(1, keepdim=True).clamp_min(torch.finfo(sv.dtype).tiny)
+    entropy = -(p * torch.log(p.clamp_min(torch.finfo(sv.dtype).tiny))).sum(1)
+    out = {
+        "sv_max": sv_max,
+        "stable_rank": frobenius_sq / sv_max.square(),
+        "effective_rank": torch.exp(entropy),
+        **{name: (sv > eps * sv_max[:, None]).sum(1) for name, eps in RANK_THRESHOLDS.items()},
+        "dist_k": sv[:, n_classes:].square().sum(1).sqrt(),
+        "dist_km1": sv[:, n_classes - 1 :].square().sum(1).sqrt(),
+    }
+    out["dist_k_rel"] = out["dist_k"] / frobenius_sq.sqrt()
+    return out, sv
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@torch.no_grad()
+def evaluate(model: PackedNetwork, x: torch.Tensor, y: torch.Tensor, loss: str, chunk_size: int = 8192) -> dict[str, np.ndarray]:
+    """Mean loss and accuracy of every member on (x, y): {"loss": (G,), "accuracy": (G,)}."""
+    device = model.weights[0].device
+    total_loss = torch.zeros(model.size, dtype=torch.float64, device=device)
+    correct = torch.zeros(model.size, dtype=torch.float64, device=device)
+    for part in _chunks(len(x), chunk_size):
+        xb, yb = x[part].to(device), y[part].to(device)
+        output = model(xb)
+        total_loss += per_sample_loss(output, yb, loss).double().sum(1)
+        correct += (output.argmax(-1) == yb).double().sum(1)
+    return {"loss": (total_loss / len(x)).cpu().numpy(), "accuracy": (correct / len(x)).cpu().numpy()}
+
+
+def pack_metrics(
+    model: PackedNetwork,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    weight_decays: Sequence[float] | torch.Tensor,
+    loss: str,
+    n_classes: int,
+    chunk_size: int | None = None,
+) -> PackMetrics:
+    """All SCIENCE.md metrics of every member and layer, on the metric set (x, y).
+
+    The certificate (grad_norm, b0, b1, b2) is for the objective F_λ on exactly this set:
+    G_l = (1/N) Δ Zᵀ + λ W_l, and b0 = (||Δ(Z − M)ᵀ||_F / N + ||G_l||_F) / λ.
+    """
+    device = model.weights[0].device
+    weights = [w.detach().to(torch.float64) for w in model.weights]
+    biases = [b.detach().to(torch.float64) for b in model.biases] if model.biases is not None else None
+    arch, activation = model.spec.arch, model.spec.activation
+    decay = torch.as_tensor(weight_decays, dtype=torch.float64, device=device)
+    size, depth, n = model.size, len(weights), len(x)
+    x = x.to(device=device, dtype=torch.float64)
+    y = y.to(device)
+    if chunk_size is None:
+        widest = max(max(w.shape[1:]) for w in weights)
+        chunk_size = max(1, _CHUNK_BYTES // (8 * size * widest * (2 * depth + 2)))
+    parts = _chunks(n, chunk_size)
+    counts = torch.bincount(y, minlength=n_classes).to(torch.float64)
+    present = counts > 0
+
+    # Pass 1: class means μ_c and global mean μ_G of every layer's input.
+    class_sums = [None] * depth
+    with torch.no_grad():
+        for part in parts:
+            onehot = torch.nn.functional.one_hot(y[part], n_classes).to(torch.float64).T
+            _, inputs, _ = forward_layers(x[part], weights, biases, arch, activation)
+            for layer, z in enumerate(inputs):
+                summed = onehot @ z
+                class_sums[layer] = summed if class_sums[layer] is None else class_sums[layer] + summed
+    means, global_means, centered_means, centered_pinv = [], [], [], []
+    for layer in range(depth):
+        sums = class_sums[layer].expand(size, -1, -1)  # layer 1's input is shared by the pack
+        mean = sums / counts.clamp_min(1)[:, None]
+        global_mean = sums.sum(1) / n
+        m_tilde = (mean - global_mean[:, None, :])[:, present].transpose(1, 2)  # (G, n, K present)
+        means.append(mean)
+        global_means.append(global_mean)
+        centered_means.append(m_tilde)
+        centered_pinv.append(torch.linalg.pinv(m_tilde, rtol=PINV_RTOL))
+
+    # Pass 2: deviations from the means, and δ_i by one backward pass per chunk.
+    zeros = lambda: torch.zeros(size, depth, dtype=torch.float64, device=device)  # noqa: E731
+    tcv, tcv_sq, total_sq, nc1_sum, delta_max, delta_sq = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+    delta_z = [torch.zeros(size, *w.shape[1:], dtype=torch.float64, device=device) for w in weights]
+    delta_class = [torch.zeros(size, n_classes, w.shape[1], dtype=torch.float64, device=device) for w in weights]
+    loss_sum = torch.zeros(size, dtype=torch.float64, device=device)
+    correct = torch.zeros_like(loss_sum)
+    ncc_mismatch = torch.zeros_like(loss_sum)
+    # Leaves that require grad give the pre-activations a graph, through which δ = ∂ℓ/∂h flows.
+    graph_weights = [w.clone().requires_grad_() for w in weights]
+    for part in parts:
+        yb = y[part]
+        onehot = torch.nn.functional.one_hot(yb, n_classes).to(torch.float64)
+        with torch.enable_grad():
+            output, inputs, pre_activations = forward_layers(x[part], graph_weights, biases, arch, activation)
+            sample_losses = per_sample_loss(output, yb, loss)
+            deltas = torch.autograd.grad(sample_losses.sum(), pre_activations)
+        with torch.no_grad():
+            loss_sum += sample_losses.sum(1)
+            output = output.detach()
+            prediction = output.argmax(-1)
+            correct += (prediction == yb).double().sum(1)
+            for layer in range(depth):
+                z = inputs[layer].detach().expand(size, -1, -1)
+                delta = deltas[layer]
+                deviation = z - means[layer][:, yb]
+                deviation_norm_sq = deviation.square().sum(-1)
+                tcv[:, layer] += deviation_norm_sq.sqrt().sum(1)
+                tcv_sq[:, layer] += deviation_norm_sq.sum(1)
+                total_sq[:, layer] += (z - global_means[layer][:, None]).square().sum((1, 2))
+                nc1_sum[:, layer] += (deviation @ centered_pinv[layer].transpose(1, 2)).square().sum((1, 2))
+                delta_norm_sq = delta.square().sum(-1)
+                delta_max[:, layer] = torch.maximum(delta_max[:, layer], delta_norm_sq.max(1).values.sqrt())
+                delta_sq[:, layer] += delta_norm_sq.sum(1)
+                delta_z[layer] += delta.transpose(1, 2) @ z
+                delta_class[layer] += onehot.T @ delta
+            distances = torch.cdist(inputs[-1].detach().expand(size, -1, -1), means[-1][:, present])
+            nearest = torch.nonzero(present).flatten()[distances.argmin(-1)]
+            ncc_mismatch += (nearest != prediction).double().sum(1)
+
+    spectra = [spectrum_metrics(w, n_classes) for w in weights]
+    layer = {name: torch.stack([s[0][name] for s in spectra], 1).to(torch.float64) for name in spectra[0][0]}
+    for name in RANK_THRESHOLDS:
+        layer[name] = layer[name].to(torch.int64)
+    layer["tcv"] = tcv / n
+    layer["tcv_sq"] = tcv_sq / n
+    layer["tcv_rel"] = tcv_sq / total_sq  # 0/0 (all inputs equal) is NaN, stored as null
+    layer["nc1"] = nc1_sum / n
+    grad_norm, residual_norm = zeros(), zeros()
+    for index in range(depth):
+        gradient = delta_z[index] / n + decay[:, None, None] * weights[index]
+        grad_norm[:, index] = torch.linalg.matrix_norm(gradient)
+        # Δ Mᵀ = Σ_c (Σ_{i in c} δ_i) μ_cᵀ; the rest of Δ Zᵀ is Δ (Z − M)ᵀ.
+        residual = delta_z[index] - delta_class[index].transpose(1, 2) @ means[index]
+        residual_norm[:, index] = torch.linalg.matrix_norm(residual) / n
+    decay_col = decay[:, None]
+    layer["grad_norm"] = grad_norm
+    layer["b0"] = (residual_norm + grad_norm) / decay_col
+    layer["b1"] = (delta_max * layer["tcv"] + grad_norm) / decay_col
+    layer["b2"] = ((delta_sq / n).sqrt() * layer["tcv_sq"].sqrt() + grad_norm) / decay_col
+    frobenius = torch.stack([torch.linalg.matrix_norm(w) for w in weights], 1)
+    layer["bound_ok"] = layer["dist_k"] <= layer["b0"] + BOUND_TOLERANCE * frobenius
+    layer["bound_ratio"] = torch.where(layer["b0"] > 0, layer["dist_k"] / layer["b0"], torch.zeros_like(layer["b0"]))
+    frobenius_sq = frobenius.square()
+    balance = torch.full_like(frobenius_sq, float("nan"))
+    balance[:, :-1] = (frobenius_sq[:, 1:] - frobenius_sq[:, :-1]).abs() / frobenius_sq[:, :-1]
+    layer["balance_gap"] = balance
+
+    penultimate = _penultimate_metrics(centered_means[-1], weights[-1][:, present])
+    penultimate["nc4"] = ncc_mismatch / n
+    member = {"loss": loss_sum / n, "accuracy": correct / n}
+    to_numpy = lambda d: {k: v.cpu().numpy() for k, v in d.items()}  # noqa: E731
+    return PackMetrics(
+        layer=to_numpy(layer),
+        penultimate=to_numpy(penultimate),
+        member=to_numpy(member),
+        singular_values=[s[1].cpu().numpy() for s in spectra],
+        n_samples=n,
+    )
+
+
+def _penultimate_metrics(m_tilde: torch.Tensor, last_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NC2 (equinorm, equiangularity) and NC3 (self-duality) from M̃ (G, n, K) and W_L (G, K, n)."""
+    n_classes = m_tilde.shape[-1]
+    norms = m_tilde.norm(dim=1)
+    equinorm = norms.std(1, correction=0) / norms.mean(1)
+    unit = m_tilde / norms[:, None, :].clamp_min(torch.finfo(m_tilde.dtype).tiny)
+    cosines = unit.transpose(1, 2) @ unit
+    off_diagonal = ~torch.eye(n_classes, dtype=torch.bool, device=m_tilde.device)
+    equiangular = (cosines[:, off_diagonal] + 1.0 / (n_classes - 1)).abs().mean(1)
+    weight_t = last_weight.transpose(1, 2)
+    nc3 = (
+        weight_t / torch.linalg.matrix_norm(weight_t)[:, None, None]
+        - m_tilde / torch.linalg.matrix_norm(m_tilde)[:, None, None]
+    )
+    return {"nc2_equinorm": equinorm, "nc2_equiangular": equiangular, "nc3": torch.linalg.matrix_norm(nc3)}
+
+
+def member_metrics(model: Network, x: torch.Tensor, y: torch.Tensor, *, weight_decay: float, loss: str) -> list[dict]:
+    """Metrics of a user's own trained network on (x, y): one dict per layer, SCIENCE.md names.
+
+    Each dict also carries the member's `loss` and `accuracy` on (x, y); `singular_values` is a list.
+    """
+    pack = PackedNetwork.from_members([model]).to(model.layers[0].weight.device)
+    result = pack_metrics(pack, x, y, weight_decays=[weight_decay], loss=loss, n_classes=model.spec.n_classes)
+    rows = result.rows(0)
+    for row in rows:
+        row.update({name: float(values[0]) for name, values in result.member.items()})
+    return rows

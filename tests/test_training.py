@@ -1,0 +1,131 @@
+"""Packing is a contract: a pack trains to the same weights as its members trained alone."""
+
+import pytest
+import torch
+
+from nc_ray.models import Architecture, PackedNetwork, build_model, data_order_generator
+from nc_ray.train import PackTrainer, per_sample_loss
+
+
+def clusters(n_classes=4, dim=12, per_class=30, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, dim, generator=generator)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = centers[y] + 0.5 * torch.randn(len(y), dim, generator=generator)
+    return x.to(dtype), y
+
+
+def train_alone(spec, seed, x, y, *, lr, weight_decay, loss, batch_size, momentum, epochs, dtype):
+    """Reference: a plain module, torch.optim.SGD with coupled L2 on weights only."""
+    model = build_model(**vars(spec), seed=seed).to(dtype)
+    groups = [{"params": model.weight_matrices(), "weight_decay": weight_decay}]
+    if spec.bias:
+        groups.append({"params": model.bias_vectors(), "weight_decay": 0.0})
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    order = data_order_generator(seed)
+    for _ in range(epochs):
+        permutation = torch.randperm(len(x), generator=order)
+        for start in range(0, len(x), batch_size):
+            batch = permutation[start : start + batch_size]
+            optimizer.zero_grad()
+            per_sample_loss(model(x[batch]), y[batch], loss).mean().backward()
+            optimizer.step()
+    return model
+
+
+CASES = [
+    ("mlp", "relu", False, "ce", 0.9),
+    ("mlp", "tanh", True, "mse", 0.0),
+    ("resmlp", "relu", True, "ce", 0.5),
+    ("resmlp", "leaky_relu", False, "mse", 0.9),
+]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("arch,activation,bias,loss,momentum", CASES)
+def test_pack_equals_members_trained_alone(arch, activation, bias, loss, momentum, dtype, tolerance):
+    x, y = clusters(dtype=dtype)
+    spec = Architecture(arch, x.shape[1], 16, 4, 4, activation, bias)
+    seeds, lrs, decays = [3, 3, 7, 11], [0.03, 0.01, 0.03, 0.02], [1e-3, 1e-2, 1e-1, 0.0]
+    pack = PackedNetwork(spec, seeds).to(dtype)
+    trainer = PackTrainer(
+        pack, x, y, learning_rates=lrs, weight_decays=decays, seeds=seeds,
+        loss=loss, batch_size=32, momentum=momentum, device="cpu",
+    )
+    for _ in range(4):
+        trainer.train_epoch()
+    assert not any(trainer.diverged)
+    for index, seed in enumerate(seeds):
+        alone = train_alone(
+            spec, seed, x, y, lr=lrs[index], weight_decay=decays[index], loss=loss,
+            batch_size=32, momentum=momentum, epochs=4, dtype=dtype,
+        )
+        packed = pack.member(index)
+        for w_alone, w_packed in zip(alone.parameters(), packed.parameters()):
+            torch.testing.assert_close(w_packed.to(dtype), w_alone, rtol=tolerance, atol=tolerance)
+
+
+def test_packed_forward_matches_member_modules():
+    spec = Architecture("resmlp", 12, 16, 5, 4, "relu", True)
+    pack = PackedNetwork(spec, [1, 2, 3])
+    x, _ = clusters()
+    with torch.no_grad():
+        packed = pack(x)
+        for index, seed in enumerate([1, 2, 3]):
+            torch.testing.assert_close(packed[index], build_model(**vars(spec), seed=seed)(x))
+            torch.testing.assert_close(packed[index], pack.member(index)(x))
+
+
+def test_weight_matrices_are_in_layer_order():
+    model = build_model("mlp", in_dim=12, width=16, depth=4, n_classes=3)
+    assert [tuple(w.shape) for w in model.weight_matrices()] == [(16, 12), (16, 16), (16, 16), (3, 16)]
+
+
+def test_divergence_freezes_only_that_member():
+    x, y = clusters()
+    spec = Architecture("mlp", x.shape[1], 16, 3, 4)
+    kwargs = dict(loss="mse", batch_size=32, momentum=0.9, device="cpu")
+    with_bad = PackedNetwork(spec, [0, 1, 2])
+    trainer = PackTrainer(with_bad, x, y, learning_rates=[0.05, 1e3, 0.05], weight_decays=[1e-3] * 3, seeds=[0, 1, 2], **kwargs)
+    healthy = PackedNetwork(spec, [0, 2])
+    reference = PackTrainer(healthy, x, y, learning_rates=[0.05, 0.05], weight_decays=[1e-3] * 2, seeds=[0, 2], **kwargs)
+    for _ in range(5):
+        trainer.train_epoch()
+        reference.train_epoch()
+    assert trainer.diverged == [False, True, False]
+    assert int(trainer.diverged_epoch[1]) >= 0
+    for layer in range(spec.depth):
+        torch.testing.assert_close(with_bad.weights[layer][[0, 2]], healthy.weights[layer])
+    assert torch.isfinite(trainer.last_epoch_loss[[0, 2]]).all()
+
+
+def test_state_round_trip_continues_exactly():
+    x, y = clusters()
+    spec = Architecture("mlp", x.shape[1], 16, 3, 4, bias=True)
+    kwargs = dict(learning_rates=[0.05, 0.1], weight_decays=[1e-3, 1e-2], seeds=[4, 5], loss="ce", batch_size=16, momentum=0.9, device="cpu")
+    straight = PackTrainer(PackedNetwork(spec, [4, 5]), x, y, **kwargs)
+    for _ in range(5):
+        straight.train_epoch()
+
+    first = PackTrainer(PackedNetwork(spec, [4, 5]), x, y, **kwargs)
+    for _ in range(2):
+        first.train_epoch()
+    saved = first.state_dict()
+    resumed = PackTrainer(PackedNetwork(spec, [9, 9]), x, y, **kwargs)
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        resumed.train_epoch()
+    assert resumed.epoch == 5
+    for a, b in zip(straight.parameters, resumed.parameters):
+        assert torch.equal(a, b)
+
+
+def test_bad_pack_arguments_are_named():
+    spec = Architecture("mlp", 4, 8, 2, 2)
+    x, y = torch.zeros(4, 4), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="learning_rates"):
+        PackTrainer(PackedNetwork(spec, [0, 1]), x, y, learning_rates=[0.1], weight_decays=[0, 0], seeds=[0, 1], loss="ce", batch_size=2)
+    with pytest.raises(ValueError, match="loss='hinge'"):
+        PackTrainer(PackedNetwork(spec, [0]), x, y, learning_rates=[0.1], weight_decays=[0], seeds=[0], loss="hinge", batch_size=2)
+    with pytest.raises(ValueError, match="depth=1"):
+        Architecture("mlp", 4, 8, 1, 2)
