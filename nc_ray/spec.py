@@ -1,0 +1,528 @@
+"""A sweep's job spec: a YAML file parsed and fully validated before anything runs.
+
+Format (only `name` and `dataset.name` are required; the values shown are the defaults)::
+
+    name: quickstart            # [A-Za-z0-9][A-Za-z0-9_.-]*, becomes a directory name
+    dataset:
+      name: digits              # one of nc_ray.data.dataset_names()
+      n_per_class: null         # class-balanced train subsample (int >= 1) or null
+      standardize: true
+      params: {}                # dataset keyword params, checked against dataset_params(name)
+    model: {arch: mlp, width: 64, depth: 4, activation: relu, bias: false}
+    loss: ce                    # ce | mse
+    training: {lr: 0.05, momentum: 0.9, batch_size: 128, epochs: 100, weight_decay: 1.0e-3, seed: 0}
+    grid: {}                    # axes: dataset arch loss width depth lr weight_decay seed
+      # an axis is a non-empty list of distinct values; lr and weight_decay also take
+      # {log_range: [low, high], num: N} (numpy.geomspace; exact endpoints, the values between
+      # rounded to 12 significant digits; num 1 = [low]), seed also takes {count: N} = [0 .. N-1].
+      # Dataset options and params are shared by every dataset on the dataset axis. In optuna
+      # mode the searched parameters may not be axes; `grid_points()` lists the other axes' points.
+    metrics: {every: null, initial: true, subset_per_class: null}
+      # every: null = max(1, epochs // 10); the final epoch is always evaluated
+    resources: {cpu: 1, gpu: 0, pack_size: auto, max_failures: 3}
+    search:
+      mode: grid                # grid | optuna; the next keys are required in optuna mode only
+      num_samples: 40           # number of Optuna trials
+      weight_decay: {low: 1.0e-5, high: 1.0e-1}    # log-uniform
+      lr: {low: 0.01, high: 0.1}                    # optional, log-uniform
+      objective: {metric: tcv_rel, layer: penultimate, target: 1.0e-2}
+
+Members of the grid are the cartesian product of the axes in the order of `AXES` (the last
+axis varies fastest), each axis in its listed order. The base values (model, training,
+dataset.name) are members' defaults and are validated even where an axis overrides them.
+Unknown keys are errors everywhere; numbers are never parsed from strings; ints are accepted
+where floats are expected, bools are not numbers. YAML `1e-3` (no dot) reads as a float, and
+a key repeated within one mapping is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from nc_ray.data import dataset_names, dataset_params, n_classes_of
+from nc_ray.metrics import LAYER_METRICS
+from nc_ray.models import ACTIVATIONS, ARCHITECTURES
+from nc_ray.train import LOSSES
+
+AXES = ("dataset", "arch", "loss", "width", "depth", "lr", "weight_decay", "seed")
+OBJECTIVE_METRICS = tuple(m for m in LAYER_METRICS if m != "bound_ok")  # bound_ok is a flag, not a quantity
+MAX_AXIS_LENGTH = 100_000
+_SIGNIFICANT_DIGITS = 12
+_TAGS = {"<list>", "<map>", "<str>", "<int>", "[key]"}  # pydantic loc parts that are not spec keys
+
+Loc = tuple[Union[str, int], ...]
+Problem = tuple[Loc, Any, str]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+class SpecError(ValueError):
+    """An invalid spec: one line "<file>: <key.path>: <repr(value)>: <problem>" per problem."""
+
+
+def _fail(problems: list[Problem]) -> None:
+    """Raise the problems (relative key path, bad value, message) as one pydantic error."""
+    if problems:
+        summary = "; ".join(f"{_path(loc)}: {msg}" for loc, _, msg in problems)
+        raise PydanticCustomError("spec", "{summary}", {"summary": summary, "problems": problems})
+
+
+def _path(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        if part in _TAGS:
+            continue
+        plain = isinstance(part, str) and re.fullmatch(r"[A-Za-z0-9_-]+", part)
+        text += f".{part}" if plain else f"[{part}]" if _is_int(part) else f"[{part!r}]"
+    return text.lstrip(".") or "<top level>"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format(error: ValidationError, source: str) -> str:
+    """One line per problem of a pydantic ValidationError."""
+    lines = []
+    for e in error.errors(include_url=False):
+        if e["type"] == "spec":
+            items = [(e["loc"] + tuple(loc), value, msg) for loc, value, msg in e["ctx"]["problems"]]
+        elif e["type"] == "missing":
+            items = [(e["loc"], _MISSING, "required key is missing")]
+        else:
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            items = [(e["loc"], e["input"], msg)]
+        lines += [f"{source}: {_path(loc)}: {_short(value)}: {msg}" for loc, value, msg in items]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- field types
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _either(expected: str, **forms: tuple[Any, Callable[[Any], bool]]) -> Any:
+    """A union chosen by the input's shape (so errors come from one form only)."""
+
+    def pick(value: Any) -> str | None:
+        return next((f"<{tag}>" for tag, (_, test) in forms.items() if test(value)), None)
+
+    members = tuple(Annotated[kind, Tag(f"<{tag}>")] for tag, (kind, _) in forms.items())
+    pick_form = Discriminator(pick, custom_error_type="form", custom_error_message=f"must be {expected}")
+    return Annotated[Union[members], pick_form]
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    first: dict[Any, int] = {}
+    _fail([((i,), v, f"duplicate value (also at index {first[v]})")
+           for i, v in enumerate(values) if first.setdefault(v, i) != i])
+    return values
+
+
+def _known_dataset(name: str) -> str:
+    if name not in dataset_names():
+        _fail([((), name, f"unknown dataset; known datasets: {', '.join(dataset_names())}")])
+    return name
+
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Depth = Annotated[int, Field(ge=2)]
+AxisLength = Annotated[int, Field(ge=1, le=MAX_AXIS_LENGTH)]
+DatasetName = Annotated[str, AfterValidator(_known_dataset)]
+Arch = Literal[ARCHITECTURES]
+Activation = Literal[tuple(ACTIVATIONS)]
+Loss = Literal[LOSSES]
+PackSize = _either("'auto' or an integer >= 1", str=(Literal["auto"], _is_str), int=(PosInt, _is_int))
+Layer = _either("'penultimate', 'hidden' or an integer >= 1",
+                str=(Literal["penultimate", "hidden"], _is_str), int=(PosInt, _is_int))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class LogRange(_Model):
+    """`num` log-spaced values from `low` to `high`: numpy.geomspace with exact endpoints and the
+    values between rounded to 12 significant digits, so member ids do not depend on numpy's last bit."""
+
+    log_range: Annotated[list[PosFloat], Field(min_length=2, max_length=2)]
+    num: AxisLength
+
+    def values(self) -> list[float]:
+        low, high = self.log_range
+        with np.errstate(all="ignore"):
+            inner = [float(f"{v:.{_SIGNIFICANT_DIGITS}g}") for v in np.geomspace(low, high, self.num)[1:-1]]
+        return [low] if self.num == 1 else [low, *inner, high]
+
+    @model_validator(mode="after")
+    def _check(self) -> LogRange:
+        if self.num > 1 and not self.log_range[0] < self.log_range[1]:
+            _fail([(("log_range",), self.log_range, "must be [low, high] with low < high")])
+        elif not all(0 < v < math.inf for v in self.values()):
+            _fail([(("log_range",), self.log_range, "too wide: values overflow")])
+        elif len(set(self.values())) < self.num:
+            _fail([(("num",), self.num, "too many values for this range: some coincide")])
+        return self
+
+
+class Count(_Model):
+    """Seeds 0 .. count-1."""
+
+    count: AxisLength
+
+    def values(self) -> list[int]:
+        return list(range(self.count))
+
+
+def _axis(item: Any, mapping: Any = None) -> Any:
+    """A grid axis: a non-empty list of distinct `item`s, or (if given) the `mapping` form."""
+    listed = Annotated[list[item], Field(min_length=1, max_length=MAX_AXIS_LENGTH), AfterValidator(_distinct)]
+    if mapping is None:
+        return Union[listed, None]
+    return Union[_either(f"a list or a {{{next(iter(mapping.model_fields))}: ...}} mapping",
+                         list=(listed, lambda v: isinstance(v, list)),
+                         map=(mapping, lambda v: isinstance(v, (dict, mapping)))), None]
+
+
+# ---------------------------------------------------------------- spec sections
+
+
+class DatasetSpec(_Model):
+    name: DatasetName
+    n_per_class: PosInt | None = None
+    standardize: bool = True
+    params: dict[str, Any] = {}
+
+
+class ModelSpec(_Model):
+    arch: Arch = "mlp"
+    width: PosInt = 64
+    depth: Depth = 4
+    activation: Activation = "relu"
+    bias: bool = False
+
+
+class TrainingSpec(_Model):
+    lr: PosFloat = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    batch_size: PosInt | None = 128
+    epochs: PosInt = 100
+    weight_decay: NonNegFloat = 1e-3
+    seed: NonNegInt = 0
+
+
+class GridSpec(_Model):
+    dataset: _axis(DatasetName) = None
+    arch: _axis(Arch) = None
+    loss: _axis(Loss) = None
+    width: _axis(PosInt) = None
+    depth: _axis(Depth) = None
+    lr: _axis(PosFloat, LogRange) = None
+    weight_decay: _axis(NonNegFloat, LogRange) = None
+    seed: _axis(NonNegInt, Count) = None
+
+    def axes(self) -> dict[str, list[Any]]:
+        """The given axes, in `AXES` order, with ranges and counts expanded to lists."""
+        axes = {name: getattr(self, name) for name in AXES if getattr(self, name) is not None}
+        return {name: list(v) if isinstance(v, list) else v.values() for name, v in axes.items()}
+
+
+class MetricsSpec(_Model):
+    every: PosInt | None = None
+    initial: bool = True
+    subset_per_class: PosInt | None = None
+
+
+class ResourcesSpec(_Model):
+    cpu: PosFloat = 1.0
+    gpu: NonNegFloat = 0.0
+    pack_size: PackSize = "auto"
+    max_failures: NonNegInt = 3
+
+
+class Range(_Model):
+    """A log-uniform search range."""
+
+    low: PosFloat
+    high: PosFloat
+
+    @model_validator(mode="after")
+    def _check(self) -> Range:
+        if not self.low < self.high:
+            _fail([(("high",), self.high, f"must be > low ({self.low!r})")])
+        return self
+
+
+class Objective(_Model):
+    metric: Literal[OBJECTIVE_METRICS]
+    layer: Layer
+    target: PosFloat
+
+
+class SearchSpec(_Model):
+    mode: Literal["grid", "optuna"] = "grid"
+    num_samples: PosInt | None = None
+    weight_decay: Range | None = None
+    lr: Range | None = None
+    objective: Objective | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSpec:
+        optuna = self.mode == "optuna"
+        _fail([((key,), getattr(self, key), "only allowed with mode: optuna") for key in
+               ("num_samples", "weight_decay", "lr", "objective") if not optuna and getattr(self, key) is not None]
+              + [((key,), _MISSING, "required with mode: optuna") for key in
+                 ("num_samples", "weight_decay", "objective") if optuna and getattr(self, key) is None])
+        return self
+
+
+def _param_ok(default: Any, value: Any) -> bool:
+    """`value` has the kind of the dataset param's `default` (ints pass for floats, bools only for bools)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if default is None:
+        return value is None or isinstance(value, (str, int)) or isinstance(value, float) and math.isfinite(value)
+    return isinstance(value, type(default))
+
+
+class SweepSpec(_Model):
+    """A validated sweep spec; `members()` lists its grid."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=200)]
+    dataset: DatasetSpec
+    model: ModelSpec = ModelSpec()
+    loss: Loss = "ce"
+    training: TrainingSpec = TrainingSpec()
+    grid: GridSpec = GridSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    search: SearchSpec = SearchSpec()
+
+    @property
+    def datasets(self) -> list[str]:
+        """Every dataset in play: dataset.name, then those of the dataset axis."""
+        return list(dict.fromkeys([self.dataset.name, *(self.grid.dataset or [])]))
+
+    @property
+    def metric_every(self) -> int:
+        return self.metrics.every or max(1, self.training.epochs // 10)
+
+    def _values(self, axis: str, base: Any, where: Loc) -> list[tuple[Loc, Any]]:
+        """(key path, value) of the base value and of every value on the grid axis."""
+        listed = getattr(self.grid, axis)
+        grid = [(("grid", axis, i), v) for i, v in enumerate(listed)] if isinstance(listed, list) else []
+        return [(where, base), *grid]
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        problems: list[Problem] = []
+        n_classes = {}
+        for name in self.datasets:
+            accepted = dataset_params(name)
+            bad = [((k,), v, f"unknown parameter for dataset {name!r}; accepted: {', '.join(accepted) or '(none)'}")
+                   if k not in accepted else ((k,), v, f"must be of the type of the default {accepted[k]!r}")
+                   for k, v in self.dataset.params.items() if k not in accepted or not _param_ok(accepted[k], v)]
+            if not bad:
+                try:
+                    n_classes[name] = n_classes_of(name, **self.dataset.params)
+                except ValueError as e:
+                    bad = [((), self.dataset.params, f"dataset {name!r}: {e}")]
+            problems += [(("dataset", "params", *loc), v, msg) for loc, v, msg in bad]
+        for loc, width in self._values("width", self.model.width, ("model", "width")):
+            problems += [(loc, width, f"must be >= {k}, the number of classes of dataset {name!r}")
+                         for name, k in n_classes.items() if width < k][:1]
+        subset, n_per_class = self.metrics.subset_per_class, self.dataset.n_per_class
+        if subset is not None and n_per_class is not None and subset > n_per_class:
+            problems.append((("metrics", "subset_per_class"), subset,
+                             f"must be <= dataset.n_per_class ({n_per_class})"))
+        if self.search.mode == "optuna":
+            searched = ["weight_decay"] + (["lr"] if self.search.lr is not None else [])
+            problems += [(("grid", axis), getattr(self.grid, axis), "is searched by optuna: not allowed as a grid axis")
+                         for axis in searched if getattr(self.grid, axis) is not None]
+            layer = self.search.objective.layer
+            for loc, depth in self._values("depth", self.model.depth, ("model", "depth")):
+                if layer == "hidden" and depth < 3 or _is_int(layer) and layer > depth:
+                    problems.append((("search", "objective", "layer"), layer,
+                                     f"does not exist at {_path(loc)} = {depth}"))
+        _fail(problems)
+        return self
+
+    def member(self, **overrides: Any) -> MemberConfig:
+        """The base config with some grid axes (keys of `AXES`) overridden."""
+        unknown = sorted(set(overrides) - set(AXES))
+        if unknown:
+            raise ValueError(f"unknown axis {', '.join(unknown)}; axes: {', '.join(AXES)}")
+        m, t, mt = self.model, self.training, self.metrics
+        v = dict(dataset=self.dataset.name, arch=m.arch, loss=self.loss, width=m.width, depth=m.depth,
+                 lr=t.lr, weight_decay=t.weight_decay, seed=t.seed) | overrides
+        defaults = dataset_params(v["dataset"])
+        params = defaults | {k: float(x) if isinstance(defaults[k], float) else x
+                             for k, x in self.dataset.params.items()}
+        return MemberConfig(
+            dataset=v["dataset"], dataset_params=tuple(sorted(params.items())), n_per_class=self.dataset.n_per_class,
+            standardize=self.dataset.standardize, arch=v["arch"], width=v["width"], depth=v["depth"],
+            activation=m.activation, bias=m.bias, loss=v["loss"], lr=v["lr"], momentum=t.momentum,
+            batch_size=t.batch_size, epochs=t.epochs, weight_decay=v["weight_decay"], seed=v["seed"],
+            metric_every=self.metric_every, metric_initial=mt.initial, metric_subset_per_class=mt.subset_per_class,
+        )
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """The grid's override dicts, in member order (one empty dict when there is no axis)."""
+        axes = self.grid.axes()
+        return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+    def members(self) -> list[MemberConfig]:
+        """Grid mode: every member of the cartesian product of the grid axes, in a deterministic order."""
+        if self.search.mode != "grid":
+            raise ValueError(f"spec {self.name!r} is in {self.search.mode} mode: its members are chosen while it runs")
+        return [self.member(**point) for point in self.grid_points()]
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec as plain JSON-able data, defaults filled and ranges expanded; parse_spec accepts it."""
+        data = self.model_dump(mode="json", exclude={"grid"})
+        data["grid"] = self.grid.axes()
+        data["metrics"]["every"] = self.metric_every
+        data["search"] = {k: v for k, v in data["search"].items() if v is not None}
+        return data
+
+
+# ---------------------------------------------------------------- members
+
+_SEARCHED = ("lr", "weight_decay", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberConfig:
+    """Everything that defines one trained network; hashable, JSON round-trippable."""
+
+    dataset: str
+    dataset_params: tuple[tuple[str, Any], ...]
+    n_per_class: int | None
+    standardize: bool
+    arch: str
+    width: int
+    depth: int
+    activation: str
+    bias: bool
+    loss: str
+    lr: float
+    momentum: float
+    batch_size: int | None
+    epochs: int
+    weight_decay: float
+    seed: int
+    metric_every: int
+    metric_initial: bool
+    metric_subset_per_class: int | None
+
+    def __post_init__(self) -> None:
+        # Canonical types, so equal configs have equal ids (0 and 0.0 are the same weight decay).
+        params = self.dataset_params.items() if isinstance(self.dataset_params, dict) else self.dataset_params
+        object.__setattr__(self, "dataset_params", tuple(sorted((str(k), v) for k, v in params)))
+        for name in ("lr", "momentum", "weight_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def member_id(self) -> str:
+        """First 16 hex digits of the sha256 of the canonical JSON of `to_dict()`."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def pack_key(self) -> tuple:
+        """Every field but lr, weight_decay and seed: members with equal keys can share a pack."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _SEARCHED)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["dataset_params"] = dict(self.dataset_params)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemberConfig:
+        return cls(**{**d, "dataset_params": tuple(sorted(d["dataset_params"].items()))})
+
+    def evaluation_epochs(self) -> list[int]:
+        """Sorted: 0 if metric_initial, the multiples of metric_every up to epochs, and epochs."""
+        epochs = set(range(self.metric_every, self.epochs + 1, self.metric_every)) | {self.epochs}
+        return sorted(epochs | ({0} if self.metric_initial else set()))
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects duplicate keys and reads 1e-3 (no dot) as a float, as YAML 1.2 does."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
+    """Validate already-loaded data (a mapping); every problem is reported, naming `source`."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: <top level>: {_short(data)}: a spec must be a mapping of keys to values")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format(e, source)) from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a YAML spec file (safe loading only)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read the spec: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<yaml>"
+        problem = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
+        raise SpecError(f"{path}: {where}: invalid YAML: {problem}") from None
+    return parse_spec(data, str(path))
