@@ -137,63 +137,69 @@ def pack_metrics(
     counts = torch.bincount(y, minlength=n_classes).to(torch.float64)
     present = counts > 0
 
-    # Pass 1: class means μ_c and global mean μ_G of every layer's input.
-    class_sums = [None] * depth
+    # Leaves that require grad give the pre-activations a graph, through which δ = ∂ℓ/∂h flows.
+    graph_weights = [w.clone().requires_grad_() for w in weights]
+
+    def forward_with_graph(part: slice) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        with torch.enable_grad():
+            return forward_layers(x[part], graph_weights, biases, arch, activation)
+
+    # A metric set that fits in one chunk is run forward once and serves both passes.
+    single = forward_with_graph(parts[0]) if len(parts) == 1 else None
+
+    # Pass 1: class means μ_c and global mean μ_G of every layer's input. Layer 1's input is
+    # the data, shared by the pack: its statistics are computed once, without a member axis.
+    class_sums = [0.0] * depth
     with torch.no_grad():
         for part in parts:
             onehot = torch.nn.functional.one_hot(y[part], n_classes).to(torch.float64).T
-            _, inputs, _ = forward_layers(x[part], weights, biases, arch, activation)
+            inputs = single[1] if single else forward_layers(x[part], weights, biases, arch, activation)[1]
             for layer, z in enumerate(inputs):
-                summed = onehot @ z
-                class_sums[layer] = summed if class_sums[layer] is None else class_sums[layer] + summed
-    means, global_means, centered_means, centered_pinv = [], [], [], []
-    for layer in range(depth):
-        sums = class_sums[layer].expand(size, -1, -1)  # layer 1's input is shared by the pack
+                class_sums[layer] = class_sums[layer] + onehot @ z.detach()
+    means, global_means, centered_means, centered_pinv, between_sq = [], [], [], [], []
+    for sums in class_sums:
         mean = sums / counts.clamp_min(1)[:, None]
-        global_mean = sums.sum(1) / n
-        m_tilde = (mean - global_mean[:, None, :])[:, present].transpose(1, 2)  # (G, n, K present)
+        global_mean = sums.sum(-2) / n
+        centered = mean - global_mean.unsqueeze(-2)
+        m_tilde = centered[..., present, :].transpose(-1, -2)  # (G,) n x K_present
         means.append(mean)
         global_means.append(global_mean)
         centered_means.append(m_tilde)
         centered_pinv.append(torch.linalg.pinv(m_tilde, rtol=PINV_RTOL))
+        between_sq.append((centered.square().sum(-1) * counts).sum(-1))  # Σ_c n_c ||μ_c − μ_G||²
 
     # Pass 2: deviations from the means, and δ_i by one backward pass per chunk.
     zeros = lambda: torch.zeros(size, depth, dtype=torch.float64, device=device)  # noqa: E731
-    tcv, tcv_sq, total_sq, nc1_sum, delta_max, delta_sq = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+    tcv, tcv_sq, nc1_sum, delta_max, delta_sq = zeros(), zeros(), zeros(), zeros(), zeros()
     delta_z = [torch.zeros(size, *w.shape[1:], dtype=torch.float64, device=device) for w in weights]
     delta_class = [torch.zeros(size, n_classes, w.shape[1], dtype=torch.float64, device=device) for w in weights]
     loss_sum = torch.zeros(size, dtype=torch.float64, device=device)
     correct = torch.zeros_like(loss_sum)
     ncc_mismatch = torch.zeros_like(loss_sum)
-    # Leaves that require grad give the pre-activations a graph, through which δ = ∂ℓ/∂h flows.
-    graph_weights = [w.clone().requires_grad_() for w in weights]
     for part in parts:
         yb = y[part]
         onehot = torch.nn.functional.one_hot(yb, n_classes).to(torch.float64)
+        output, inputs, pre_activations = single or forward_with_graph(part)
         with torch.enable_grad():
-            output, inputs, pre_activations = forward_layers(x[part], graph_weights, biases, arch, activation)
             sample_losses = per_sample_loss(output, yb, loss)
             deltas = torch.autograd.grad(sample_losses.sum(), pre_activations)
         with torch.no_grad():
-            loss_sum += sample_losses.sum(1)
-            output = output.detach()
-            prediction = output.argmax(-1)
+            loss_sum += sample_losses.detach().sum(1)
+            prediction = output.detach().argmax(-1)
             correct += (prediction == yb).double().sum(1)
             for layer in range(depth):
-                z = inputs[layer].detach().expand(size, -1, -1)
-                delta = deltas[layer]
-                deviation = z - means[layer][:, yb]
+                z, delta = inputs[layer].detach(), deltas[layer]
+                deviation = z - means[layer][..., yb, :]
                 deviation_norm_sq = deviation.square().sum(-1)
-                tcv[:, layer] += deviation_norm_sq.sqrt().sum(1)
-                tcv_sq[:, layer] += deviation_norm_sq.sum(1)
-                total_sq[:, layer] += (z - global_means[layer][:, None]).square().sum((1, 2))
-                nc1_sum[:, layer] += (deviation @ centered_pinv[layer].transpose(1, 2)).square().sum((1, 2))
+                tcv[:, layer] += deviation_norm_sq.sqrt().sum(-1)
+                tcv_sq[:, layer] += deviation_norm_sq.sum(-1)
+                nc1_sum[:, layer] += (deviation @ centered_pinv[layer].transpose(-1, -2)).square().sum((-2, -1))
                 delta_norm_sq = delta.square().sum(-1)
                 delta_max[:, layer] = torch.maximum(delta_max[:, layer], delta_norm_sq.max(1).values.sqrt())
                 delta_sq[:, layer] += delta_norm_sq.sum(1)
                 delta_z[layer] += delta.transpose(1, 2) @ z
                 delta_class[layer] += onehot.T @ delta
-            distances = torch.cdist(inputs[-1].detach().expand(size, -1, -1), means[-1][:, present])
+            distances = torch.cdist(inputs[-1].detach(), means[-1][:, present])
             nearest = torch.nonzero(present).flatten()[distances.argmin(-1)]
             ncc_mismatch += (nearest != prediction).double().sum(1)
 
@@ -203,7 +209,8 @@ def pack_metrics(
         layer[name] = layer[name].to(torch.int64)
     layer["tcv"] = tcv / n
     layer["tcv_sq"] = tcv_sq / n
-    layer["tcv_rel"] = tcv_sq / total_sq  # 0/0 (all inputs equal) is NaN, stored as null
+    # Σ_i ||z_i − μ_G||² = Σ_i ||z_i − μ_c(i)||² + Σ_c n_c ||μ_c − μ_G||²; 0/0 (all inputs equal) is NaN, stored null.
+    layer["tcv_rel"] = tcv_sq / (tcv_sq + torch.stack(torch.broadcast_tensors(*between_sq), 1))
     layer["nc1"] = nc1_sum / n
     grad_norm, residual_norm = zeros(), zeros()
     for index in range(depth):

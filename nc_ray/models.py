@@ -11,6 +11,7 @@ Layer l multiplies its input: h_l = W_l z_{l-1} (+ b_l).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -217,6 +218,15 @@ class PackedNetwork(nn.Module):
                 if self.biases is not None:
                     layer.bias.copy_(self.biases[layer_index][index])
         return model
+
+    def select(self, indices: Sequence[int]) -> PackedNetwork:
+        """A new pack holding copies of the members at `indices`, in that order."""
+        pack = copy.deepcopy(self)
+        with torch.no_grad():
+            for parameters in (pack.weights, pack.biases or []):
+                for parameter in parameters:
+                    parameter.data = parameter.data[list(indices)].clone()
+        return pack
 
     @classmethod
     def from_members(cls, members: Sequence[Network]) -> PackedNetwork:

@@ -1,0 +1,243 @@
+"""A sweep directory: where every row, weight file and pack definition is written and read.
+
+Layout under `<storage>/<name>/` (a local path or a pyarrow filesystem URI such as s3://):
+    spec.yaml, resolved_spec.json, sweep.json   what was asked for, resolved, and run history
+    packs/<pack_id>.json                         the members each pack (one Tune trial) trains
+    state/<pack_id>.pt                           a running pack's latest training state
+    progress/<pack_id>.json                      the latest epoch a pack has reached
+    weights/<pack_id>.safetensors                final weights of a pack's members (no pickle)
+    tables/members/<pack_id>.parquet             one row per member
+    tables/metrics/<pack_id>-e<epoch>.parquet    one row per member x evaluation epoch x layer
+    tables/spectra/<pack_id>-e<epoch>.parquet    one row per member x evaluation epoch x layer
+    tune-<n>/                                    Tune's experiment directories
+
+Every file is immutable once published and its name is a function of what it holds (pack and
+epoch), so a trial retried after a crash rewrites the same names with the same rows: rows are
+never duplicated or lost. Files are written under a hidden temporary name, then renamed, so a
+reader never sees a half-written file (`*.parquet` globs skip the `.tmp` names).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from nc_ray.metrics import LAYER_METRICS, PENULTIMATE_METRICS
+
+SCHEMA_VERSION = 1
+TABLES = ("members", "metrics", "spectra")
+MEMBER_STATUSES = ("complete", "diverged", "failed")
+
+CONFIG_COLUMNS = [
+    ("dataset", pa.string()), ("dataset_params", pa.string()), ("n_per_class", pa.int64()),
+    ("standardize", pa.bool_()), ("arch", pa.string()), ("width", pa.int64()), ("depth", pa.int64()),
+    ("activation", pa.string()), ("bias", pa.bool_()), ("loss", pa.string()), ("lr", pa.float64()),
+    ("momentum", pa.float64()), ("batch_size", pa.int64()), ("epochs", pa.int64()),
+    ("weight_decay", pa.float64()), ("seed", pa.int64()), ("metric_every", pa.int64()),
+    ("metric_initial", pa.bool_()), ("metric_subset_per_class", pa.int64()),
+]
+KEY_CONFIG = ("dataset", "arch", "depth", "width", "loss", "weight_decay", "lr", "seed")
+_KEY_COLUMNS = [(name, dtype) for name, dtype in CONFIG_COLUMNS if name in KEY_CONFIG]
+_ID_COLUMNS = [("member_id", pa.string()), ("pack_id", pa.string())]
+_INT_METRICS = {"rank_rel_1e1", "rank_rel_1e2", "rank_rel_1e3"}
+EVALUATION_COLUMNS = [
+    ("train_loss", pa.float64()), ("train_acc", pa.float64()),
+    ("test_loss", pa.float64()), ("test_acc", pa.float64()),
+]
+
+SCHEMAS = {
+    "members": pa.schema(
+        _ID_COLUMNS + CONFIG_COLUMNS + [
+            ("status", pa.string()), ("error", pa.string()), ("diverged_epoch", pa.int64()),
+            ("epochs_run", pa.int64()), ("final_epoch", pa.int64()), *EVALUATION_COLUMNS,
+            ("n_train", pa.int64()), ("n_metric", pa.int64()), ("wall_time_s", pa.float64()),
+            ("device", pa.string()), ("nc_ray_version", pa.string()),
+            ("finished_at", pa.timestamp("s", tz="UTC")),
+        ]
+    ),
+    "metrics": pa.schema(
+        _ID_COLUMNS + _KEY_COLUMNS + [("epoch", pa.int64()), ("layer", pa.int64())]
+        + [(name, pa.bool_() if name == "bound_ok" else pa.int64() if name in _INT_METRICS else pa.float64()) for name in LAYER_METRICS]
+        + [(name, pa.float64()) for name in PENULTIMATE_METRICS]
+        + EVALUATION_COLUMNS
+        + [("metric_set", pa.string()), ("n_metric", pa.int64())]
+    ),
+    "spectra": pa.schema(
+        _ID_COLUMNS + _KEY_COLUMNS + [("epoch", pa.int64()), ("layer", pa.int64()), ("singular_values", pa.list_(pa.float64()))]
+    ),
+}
+
+
+def _clean(value: Any) -> Any:
+    # Parquet nulls, not NaN, for undefined values (e.g. tcv_rel when all inputs coincide).
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def rows_to_table(name: str, rows: Sequence[dict]) -> pa.Table:
+    """Rows (dicts keyed by column name; missing keys are null) as a table of the versioned schema."""
+    schema = SCHEMAS[name]
+    columns = {field.name: [_clean(row.get(field.name)) for row in rows] for field in schema}
+    return pa.Table.from_pydict(columns, schema=schema).replace_schema_metadata(
+        {b"nc_ray.schema_version": str(SCHEMA_VERSION).encode()}
+    )
+
+
+def member_record(config: dict, member_id: str) -> dict:
+    """A member's flat config as stored everywhere: its id added, dataset_params as canonical JSON."""
+    params = config["dataset_params"]
+    return {**config, "member_id": member_id, "dataset_params": params if isinstance(params, str) else json.dumps(params, sort_keys=True)}
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """One Tune trial: members sharing a shape, trained together."""
+
+    pack_id: str
+    members: list[dict]  # member records: see `member_record`
+
+    def to_json(self) -> str:
+        return json.dumps({"pack_id": self.pack_id, "members": self.members}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PackPlan:
+        data = json.loads(text)
+        return cls(pack_id=data["pack_id"], members=data["members"])
+
+
+class SweepStore:
+    """Reads and writes one sweep directory through a pyarrow filesystem."""
+
+    def __init__(self, uri: str):
+        if "://" not in uri:
+            uri = os.path.abspath(os.path.expanduser(uri))
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Publish a file atomically: write a hidden temporary name, then rename over the target."""
+        target = self.path(relative)
+        directory, _, name = target.rpartition("/")
+        self.fs.create_dir(directory, recursive=True)
+        temporary = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(temporary) as stream:
+            stream.write(data)
+        self.fs.move(temporary, target)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def write_json(self, relative: str, data: Any) -> None:
+        self.write_bytes(relative, json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def read_json(self, relative: str) -> Any:
+        return json.loads(self.read_bytes(relative))
+
+    def write_table(self, name: str, file_stem: str, rows: Sequence[dict]) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows_to_table(name, rows), sink, compression="zstd")
+        self.write_bytes(f"tables/{name}/{file_stem}.parquet", sink.getvalue().to_pybytes())
+
+    def list_files(self, relative: str, suffix: str) -> list[str]:
+        """Names (not paths) of published files under a folder, hidden temporaries excluded."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        return sorted(
+            info.base_name for info in self.fs.get_file_info(selector)
+            if info.is_file and info.base_name.endswith(suffix) and not info.base_name.startswith(".")
+        )
+
+    def read_table(self, name: str, columns: Iterable[str] | None = None) -> pa.Table:
+        """All published files of a table (empty table of the schema when there are none)."""
+        files = [self.path("tables", name, f) for f in self.list_files(f"tables/{name}", ".parquet")]
+        if not files:
+            return SCHEMAS[name].empty_table().select(list(columns) if columns else SCHEMAS[name].names)
+        dataset = ds.dataset(files, schema=SCHEMAS[name], filesystem=self.fs, format="parquet")
+        return dataset.to_table(columns=list(columns) if columns else None)
+
+    def write_pack(self, pack: PackPlan) -> None:
+        self.write_bytes(f"packs/{pack.pack_id}.json", pack.to_json().encode())
+
+    def read_pack(self, pack_id: str) -> PackPlan:
+        return PackPlan.from_json(self.read_bytes(f"packs/{pack_id}.json").decode())
+
+    def pack_ids(self) -> list[str]:
+        return [name[: -len(".json")] for name in self.list_files("packs", ".json")]
+
+    def write_weights(self, pack_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        self.write_bytes(f"weights/{pack_id}.safetensors", save_safetensors(tensors, metadata=metadata))
+
+    def read_weights(self, pack_id: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.read_bytes(f"weights/{pack_id}.safetensors"))
+
+    def write_state(self, pack_id: str, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.write_bytes(f"state/{pack_id}.pt", buffer.getvalue())
+
+    def read_state(self, pack_id: str) -> dict[str, Any] | None:
+        """The latest saved training state of a pack, or None; tensors and plain data only."""
+        if not self.exists(f"state/{pack_id}.pt"):
+            return None
+        return torch.load(io.BytesIO(self.read_bytes(f"state/{pack_id}.pt")), weights_only=True)
+
+    def delete_state(self, pack_id: str) -> None:
+        if self.exists(f"state/{pack_id}.pt"):
+            self.fs.delete_file(self.path(f"state/{pack_id}.pt"))
+
+    def member_statuses(self) -> dict[str, str]:
+        """member_id -> final status, from the members table."""
+        table = self.read_table("members", ["member_id", "status"])
+        return dict(zip(table["member_id"].to_pylist(), table["status"].to_pylist()))
+
+
+class SweepBusyError(RuntimeError):
+    """Another nc-ray process holds the sweep directory."""
+
+
+class SweepLock:
+    """Exclusive ownership of a sweep directory (a lock file; local and shared filesystems)."""
+
+    def __init__(self, store: SweepStore):
+        self.lock = None
+        if store.is_local:
+            Path(store.root).mkdir(parents=True, exist_ok=True)
+            self.lock = filelock.FileLock(os.path.join(store.root, ".lock"))
+        self.where = store.uri
+
+    def __enter__(self) -> SweepLock:
+        if self.lock is not None:
+            try:
+                self.lock.acquire(timeout=0)
+            except filelock.Timeout:
+                raise SweepBusyError(
+                    f"{self.where} is in use by another nc-ray sweep or resume (lock file {self.lock.lock_file}); "
+                    "wait for it to finish or stop it first"
+                ) from None
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.lock is not None:
+            self.lock.release()

@@ -1,0 +1,367 @@
+"""Where trials are scheduled: plan packs from a spec, run them as Ray Tune trials, resume, extend.
+
+A sweep directory is owned by one driver at a time (a lock file). `run_sweep` trains every
+member of the spec that the members table does not list as finished: unfinished packs of earlier
+runs keep their composition (so their files are rewritten, never duplicated), new members are
+grouped into new packs. Each run is a new Tune experiment `tune-<n>`; `resume_sweep` restores
+the latest one, continuing unfinished and errored trials from their last checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from tqdm import tqdm
+
+import nc_ray
+from nc_ray.spec import MemberConfig, SweepSpec, load_spec, parse_spec
+from nc_ray.store import PackPlan, SweepLock, SweepStore, member_record
+from nc_ray.trial import run_pack
+
+MAX_AUTO_PACK_SIZE = 64
+FINISHED = ("complete", "diverged")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    spec: SweepSpec
+    store: SweepStore
+    packs: list[PackPlan]
+    n_members: int
+    n_finished: int
+    pack_size: int
+
+
+def pack_id_of(member_ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(member_ids)).encode()).hexdigest()[:16]
+
+
+def auto_pack_size(n_members: int, slots: int) -> int:
+    """Enough packs to keep every slot busy twice over, each as large as that allows (<= 64)."""
+    return max(1, min(MAX_AUTO_PACK_SIZE, math.ceil(n_members / (2 * max(1, slots)))))
+
+
+def parallel_slots(spec: SweepSpec, cluster: dict[str, float]) -> int:
+    """How many trials of this spec's size the cluster can run at once."""
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    by_cpu = cluster.get("CPU", os.cpu_count() or 1) / cpu
+    by_gpu = cluster.get("GPU", 0) / gpu if gpu > 0 else math.inf
+    return max(1, int(min(by_cpu, by_gpu)))
+
+
+def plan_packs(
+    members: Sequence[MemberConfig],
+    existing: Sequence[PackPlan],
+    statuses: dict[str, str],
+    pack_size: int,
+) -> list[PackPlan]:
+    """Packs that train every member not yet finished.
+
+    An unfinished pack of an earlier run that holds any wanted member is run again whole, so
+    its rows land in the files it already started; the rest are grouped by shape and chunked.
+    """
+    wanted = {m.member_id: m for m in members if statuses.get(m.member_id) not in FINISHED}
+    packs, taken = [], set()
+    for pack in existing:
+        ids = [record["member_id"] for record in pack.members]
+        if any(statuses.get(i) not in FINISHED for i in ids) and taken.isdisjoint(ids) and any(i in wanted for i in ids):
+            packs.append(pack)
+            taken.update(ids)
+    groups: dict[tuple, list[MemberConfig]] = defaultdict(list)
+    for member_id, member in wanted.items():
+        if member_id not in taken:
+            groups[member.pack_key()].append(member)
+    for group in groups.values():
+        for start in range(0, len(group), pack_size):
+            chunk = group[start : start + pack_size]
+            ids = [m.member_id for m in chunk]
+            packs.append(PackPlan(pack_id_of(ids), [member_record(m.to_dict(), m.member_id) for m in chunk]))
+    return packs
+
+
+def sweep_uri(storage: str | os.PathLike, name: str) -> str:
+    storage = os.fspath(storage)
+    base = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+    return f"{base.rstrip('/')}/{name}"
+
+
+def plan_sweep(spec: SweepSpec, storage: str | os.PathLike, cluster: dict[str, float] | None = None) -> SweepPlan:
+    store = SweepStore(sweep_uri(storage, spec.name))
+    members = spec.members() if spec.search.mode == "grid" else []  # optuna packs are made per trial
+    statuses = store.member_statuses()
+    existing = [store.read_pack(pack_id) for pack_id in store.pack_ids()]
+    pending = [m for m in members if statuses.get(m.member_id) not in FINISHED]
+    pack_size = spec.resources.pack_size
+    if pack_size == "auto":
+        pack_size = auto_pack_size(len(pending), parallel_slots(spec, cluster or {}))
+    packs = plan_packs(members, existing, statuses, pack_size)
+    return SweepPlan(spec, store, packs, len(members), len(members) - len(pending), pack_size)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` / $RAY_ADDRESS, or start an embedded Ray sized to this machine."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+
+
+def cluster_resources() -> dict[str, float]:
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def _tune_trainable(config: dict, *, sweep: str, threads: int, objective: dict | None = None) -> None:
+    """A Tune trial: train one pack, continuing from its saved state if it has one.
+
+    The pack's state lives in the sweep directory (`state/<pack_id>.pt`, replaced atomically at
+    every evaluation), not in Tune checkpoints: Tune deletes a superseded checkpoint before it
+    snapshots the experiment state, so a driver killed in between leaves an experiment that
+    points at a deleted checkpoint and cannot be restored. A trial Tune restarts, after a crash
+    or a resume, finds its state here instead, and rows already published are rewritten as is.
+    """
+    torch.set_num_threads(threads)
+    store = SweepStore(sweep)
+    pack = store.read_pack(config["pack_id"]) if "pack_id" in config else _optuna_pack(store, config)
+
+    def on_checkpoint(run_state: dict, summary: dict, metric_rows: list[dict]) -> None:
+        store.write_state(pack.pack_id, run_state)
+        if objective is not None:
+            summary["objective"] = objective_value(metric_rows, objective)
+        tune.report(summary)
+
+    run_pack(pack, store, state=store.read_state(pack.pack_id), on_checkpoint=on_checkpoint)
+    store.delete_state(pack.pack_id)
+
+
+def objective_value(metric_rows: list[dict], objective: dict) -> float:
+    """|log10(median over members of the chosen layer metric) − log10(target)|; inf if none is finite."""
+    by_member: dict[str, list[dict]] = defaultdict(list)
+    for row in metric_rows:
+        by_member[row["member_id"]].append(row)
+    values = []
+    for rows in by_member.values():
+        layer = objective["layer"]
+        if layer == "penultimate":
+            chosen = [r for r in rows if r["layer"] == r["depth"]]
+        elif layer == "hidden":
+            chosen = [r for r in rows if 1 < r["layer"] < r["depth"]]
+        else:
+            chosen = [r for r in rows if r["layer"] == int(layer)]
+        layer_values = [r[objective["metric"]] for r in chosen if r[objective["metric"]] is not None]
+        if layer_values:
+            values.append(float(np.median(layer_values)))
+    finite = [v for v in values if np.isfinite(v) and v > 0]
+    if not finite:
+        return math.inf
+    return abs(math.log10(float(np.median(finite))) - math.log10(objective["target"]))
+
+
+def _optuna_pack(store: SweepStore, config: dict) -> PackPlan:
+    """In optuna mode a trial's config is a point (depth, λ[, lr]); its pack is every seed there."""
+    spec = parse_spec(store.read_json("resolved_spec.json"), source=store.path("resolved_spec.json"))
+    members = [spec.member(**config, seed=seed) for seed in spec.resolved()["grid"].get("seed", [spec.training.seed])]
+    pack = PackPlan(pack_id_of([m.member_id for m in members]), [member_record(m.to_dict(), m.member_id) for m in members])
+    store.write_pack(pack)
+    return pack
+
+
+class MemberProgress(tune.Callback):
+    """Members finished, their rate and an ETA; cheap, since callbacks run in the driver's loop.
+
+    Tune pickles its callbacks with the experiment, and `Tuner.restore` brings this one back:
+    it holds only the sweep's address and counts members from the sweep directory at setup.
+    """
+
+    def __init__(self, sweep: str, members_per_trial: int):
+        self.sweep = sweep
+        self.members_per_trial = members_per_trial
+        self.bar = None
+
+    def setup(self, **info) -> None:
+        store = SweepStore(self.sweep)
+        statuses = store.member_statuses()
+        self.sizes = {p: len(store.read_pack(p).members) for p in store.pack_ids()}
+        finished = sum(1 for s in statuses.values() if s in FINISHED)
+        total = max(sum(self.sizes.values()), finished)
+        self.bar = tqdm(total=total, initial=finished, unit="member", desc="members", dynamic_ncols=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if self.bar is not None:
+            size = self.sizes.get(trial.config.get("pack_id"), self.members_per_trial)
+            if self.bar.n + size > self.bar.total:  # optuna trials define their packs as they start
+                self.bar.total = self.bar.n + size
+            self.bar.update(size)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __getstate__(self) -> dict:
+        return {"sweep": self.sweep, "members_per_trial": self.members_per_trial, "bar": None}
+
+
+def _trainable_for(plan_spec: SweepSpec, store: SweepStore):
+    objective = plan_spec.search.objective.model_dump() if plan_spec.search.mode == "optuna" else None
+    trainable = tune.with_parameters(
+        _tune_trainable, sweep=store.uri, threads=max(1, int(plan_spec.resources.cpu)), objective=objective
+    )
+    return tune.with_resources(trainable, {"cpu": plan_spec.resources.cpu, "gpu": plan_spec.resources.gpu})
+
+
+def _run_config(spec: SweepSpec, store: SweepStore, name: str, callbacks: list):
+    return tune.RunConfig(
+        name=name,
+        storage_path=store.uri,
+        failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def _tune_config(spec: SweepSpec, store: SweepStore):
+    if spec.search.mode != "optuna":
+        return tune.TuneConfig(reuse_actors=True, trial_dirname_creator=lambda trial: trial.trial_id)
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray.tune.search.optuna import OptunaSearch
+
+    if not store.is_local:
+        raise ValueError(f"{store.uri}: optuna mode keeps its study in a journal file and needs local (or mounted) storage")
+    search = spec.search
+    space = {
+        "depth": optuna.distributions.CategoricalDistribution(spec.resolved()["grid"].get("depth", [spec.model.depth])),
+        "weight_decay": optuna.distributions.FloatDistribution(search.weight_decay.low, search.weight_decay.high, log=True),
+    }
+    if search.lr is not None:
+        space["lr"] = optuna.distributions.FloatDistribution(search.lr.low, search.lr.high, log=True)
+    storage = JournalStorage(JournalFileBackend(os.path.join(store.root, "optuna.journal")))
+    searcher = OptunaSearch(space=space, metric="objective", mode="min", storage=storage, study_name=spec.name, seed=0)
+    return tune.TuneConfig(
+        search_alg=searcher, num_samples=search.num_samples, reuse_actors=True,
+        trial_dirname_creator=lambda trial: trial.trial_id,
+    )
+
+
+def _tune_runs(store: SweepStore) -> list[str]:
+    return store.read_json("sweep.json")["tune_runs"] if store.exists("sweep.json") else []
+
+
+def _record_failures(store: SweepStore, results) -> int:
+    """Members of trials that errored past max_failures get a `failed` row with the error."""
+    failed = 0
+    statuses = store.member_statuses()
+    for result in results:
+        if result.error is None or "pack_id" not in (result.config or {}):
+            continue
+        pack = store.read_pack(result.config["pack_id"])
+        if all(statuses.get(r["member_id"]) in FINISHED for r in pack.members):
+            continue
+        message = f"{type(result.error).__name__}: {result.error}"[:2000]
+        store.write_table("members", pack.pack_id, [{**r, "pack_id": pack.pack_id, "status": "failed", "error": message, "nc_ray_version": nc_ray.__version__} for r in pack.members])
+        failed += len(pack.members)
+    return failed
+
+
+def run_sweep(spec_path: str | Path, storage: str | os.PathLike = "runs", address: str | None = None, show_progress: bool = True) -> SweepStore:
+    """Train every member of the spec not yet finished in `<storage>/<name>`; return the sweep's store."""
+    spec = load_spec(spec_path)
+    store = SweepStore(sweep_uri(storage, spec.name))
+    with SweepLock(store):
+        connect(address)
+        plan = plan_sweep(spec, storage, cluster_resources())
+        store.write_bytes("spec.yaml", Path(spec_path).read_bytes())
+        store.write_json("resolved_spec.json", spec.resolved())
+        for pack in plan.packs:
+            store.write_pack(pack)
+        if spec.search.mode == "grid" and not plan.packs:
+            return store
+        runs = _tune_runs(store)
+        name = f"tune-{len(runs):03d}"
+        store.write_json("sweep.json", {"name": spec.name, "tune_runs": [*runs, name], "nc_ray_version": nc_ray.__version__})
+        _fit(spec, store, name, plan.packs, restore=False, show_progress=show_progress)
+    return store
+
+
+def resume_sweep(sweep: str | os.PathLike, address: str | None = None, show_progress: bool = True) -> SweepStore:
+    """Continue an interrupted sweep from its directory alone."""
+    store = SweepStore(os.fspath(sweep))
+    if not store.exists("resolved_spec.json"):
+        raise FileNotFoundError(f"{store.uri}: not a sweep directory (no resolved_spec.json)")
+    spec = parse_spec(store.read_json("resolved_spec.json"), source=store.path("resolved_spec.json"))
+    with SweepLock(store):
+        connect(address)
+        runs = _tune_runs(store)
+        statuses = store.member_statuses()
+        packs = [store.read_pack(p) for p in store.pack_ids()]
+        unfinished = [p for p in packs if any(statuses.get(r["member_id"]) not in FINISHED for r in p.members)]
+        if runs and tune.Tuner.can_restore(f"{store.uri}/{runs[-1]}"):
+            _fit(spec, store, runs[-1], unfinished, restore=True, show_progress=show_progress)
+        elif unfinished or spec.search.mode == "optuna":
+            # The driver died before Tune saved any experiment state: start the same packs afresh.
+            name = f"tune-{len(runs):03d}"
+            store.write_json("sweep.json", {"name": spec.name, "tune_runs": [*runs, name], "nc_ray_version": nc_ray.__version__})
+            _fit(spec, store, name, unfinished, restore=False, show_progress=show_progress)
+    return store
+
+
+def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *, restore: bool, show_progress: bool) -> None:
+    # Tune's JSON/CSV/TensorBoard loggers duplicate what the Parquet tables hold, one file per trial;
+    # without them Tune's result analysis warns about every trial, which says nothing here.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    seeds = len(spec.resolved()["grid"].get("seed", [spec.training.seed]))
+    callbacks = [MemberProgress(store.uri, seeds)] if show_progress else []
+    trainable = _trainable_for(spec, store)
+    if restore:
+        tuner = tune.Tuner.restore(f"{store.uri}/{name}", trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        param_space = {"pack_id": tune.grid_search([p.pack_id for p in packs])} if spec.search.mode == "grid" else {}
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(spec, store), run_config=_run_config(spec, store, name, callbacks))
+    results = tuner.fit()
+    _record_failures(store, results)
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    counts: dict[str, int]  # complete, diverged, failed, running, pending
+    errors: dict[str, str]  # member_id -> error, for failed members
+    running: dict[str, tuple[int, int]]  # pack_id -> (epoch reached, epochs)
+
+
+def sweep_status(sweep: str) -> SweepStatus:
+    """Members by state, from the members table, the pack definitions and progress markers."""
+    store = SweepStore(sweep)
+    table = store.read_table("members", ["member_id", "status", "error"])
+    statuses = dict(zip(table["member_id"].to_pylist(), table["status"].to_pylist()))
+    errors = {m: e for m, s, e in zip(table["member_id"].to_pylist(), table["status"].to_pylist(), table["error"].to_pylist()) if s == "failed"}
+    counts = {state: 0 for state in ("complete", "diverged", "failed", "running", "pending")}
+    running = {}
+    for pack_id in store.pack_ids():
+        pack = store.read_pack(pack_id)
+        open_members = [r for r in pack.members if statuses.get(r["member_id"]) is None]
+        if not open_members:
+            continue
+        if store.exists(f"progress/{pack_id}.json"):
+            progress = store.read_json(f"progress/{pack_id}.json")
+            running[pack_id] = (progress["epoch"], progress["epochs"])
+            counts["running"] += len(open_members)
+        else:
+            counts["pending"] += len(open_members)
+    for status in statuses.values():
+        counts[status] += 1
+    return SweepStatus(counts, errors, running)

@@ -1,0 +1,213 @@
+"""The sweep service on a real local Ray: rows exactly once through kills, resume and extension."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+import nc_ray
+from nc_ray.metrics import member_metrics
+from nc_ray.spec import load_spec
+from nc_ray.store import SweepBusyError, SweepLock, SweepStore
+from nc_ray.sweep import run_sweep, sweep_status
+
+LONG = {"training.epochs": 1500, "metrics.every": 100}  # long enough to be killed mid-run
+
+
+def expected_keys(spec_path) -> set[tuple[str, int, int]]:
+    return {
+        (m.member_id, epoch, layer)
+        for m in load_spec(spec_path).members()
+        for epoch in m.evaluation_epochs()
+        for layer in range(1, m.depth + 1)
+    }
+
+
+def table_keys(sweep: Path, table: str) -> list[tuple[str, int, int]]:
+    rows = duckdb.connect().execute(
+        f"SELECT member_id, epoch, layer FROM read_parquet('{sweep}/tables/{table}/*.parquet')"
+    ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+def assert_exactly_once(sweep: Path, spec_path) -> None:
+    expected = expected_keys(spec_path)
+    for table in ("metrics", "spectra"):
+        keys = table_keys(sweep, table)
+        assert len(keys) == len(set(keys)), f"duplicated rows in {table}"
+        assert set(keys) == expected, f"{table}: missing {len(expected - set(keys))}, extra {len(set(keys) - expected)}"
+    statuses = duckdb.connect().execute(
+        f"SELECT member_id, status FROM read_parquet('{sweep}/tables/members/*.parquet')"
+    ).fetchall()
+    assert sorted(m for m, _ in statuses) == sorted(m.member_id for m in load_spec(spec_path).members())
+    assert {s for _, s in statuses} == {"complete"}
+
+
+def wait_for_progress(sweep: Path, epoch: int, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in (sweep / "progress").glob("*.json"):
+            try:
+                progress = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if epoch <= progress["epoch"] < progress["epochs"]:
+                return progress
+        time.sleep(0.05)
+    raise TimeoutError(f"no pack of {sweep} reached epoch {epoch}")
+
+
+def nc_ray_cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nc_ray.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_smoke_sweep_tables(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke")
+    store = run_sweep(spec_path, tmp_path, show_progress=False)
+    sweep = tmp_path / "smoke"
+    assert store.uri == str(sweep)
+    assert_exactly_once(sweep, spec_path)
+    members = load_spec(spec_path).members()
+    n_rows = sum(len(m.evaluation_epochs()) * m.depth for m in members)
+    assert n_rows == 60
+    con = duckdb.connect()
+    metrics = con.sql(f"SELECT * FROM read_parquet('{sweep}/tables/metrics/*.parquet')").to_arrow_table()
+    assert metrics.num_rows == n_rows
+    assert all(metrics["bound_ok"].to_pylist())
+    for column in ("dataset", "arch", "depth", "width", "loss", "weight_decay", "lr", "seed", "tcv_rel", "nc1", "b0", "dist_k", "rank_rel_1e2"):
+        assert column in metrics.column_names
+    members_table = con.sql(f"SELECT * FROM read_parquet('{sweep}/tables/members/*.parquet')").to_arrow_table()
+    assert members_table.num_rows == 8
+    assert set(members_table["device"].to_pylist()) == {"cpu"}
+    assert all(v == nc_ray.__version__ for v in members_table["nc_ray_version"].to_pylist())
+    assert min(members_table["train_acc"].to_pylist()) > 0.5
+    status = sweep_status(str(sweep))
+    assert status.counts == {"complete": 8, "diverged": 0, "failed": 0, "running": 0, "pending": 0}
+
+
+def test_load_member_reproduces_its_rows(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke", **{"grid.seed": [0]})
+    run_sweep(spec_path, tmp_path, show_progress=False)
+    sweep = tmp_path / "smoke"
+    member = load_spec(spec_path).members()[-1]
+    model, data = nc_ray.load_member(str(sweep), member.member_id)
+    assert data.x_metric.shape == data.x_train.shape
+    recomputed = member_metrics(model, data.x_metric, data.y_metric, weight_decay=member.weight_decay, loss=member.loss)
+    con = duckdb.connect()
+    stored = con.execute(
+        f"SELECT * FROM read_parquet('{sweep}/tables/metrics/*.parquet') WHERE member_id = ? AND epoch = ? ORDER BY layer",
+        [member.member_id, member.epochs],
+    ).fetchall()
+    stored = [dict(zip([d[0] for d in con.description], row)) for row in stored]
+    assert len(stored) == len(recomputed) == member.depth
+    for row, again in zip(stored, recomputed):
+        for name in ("dist_k", "tcv", "tcv_rel", "nc1", "grad_norm", "b0", "stable_rank"):
+            assert row[name] == pytest.approx(again[name], rel=1e-9, abs=1e-12), name
+        assert row["train_loss"] == pytest.approx(again["loss"], rel=1e-6)
+
+
+def test_extending_a_finished_sweep_trains_only_new_members(ray_address, tmp_path, job_file):
+    first = job_file("smoke", **{"grid.seed": [0, 1]})
+    run_sweep(first, tmp_path, show_progress=False)
+    sweep = tmp_path / "smoke"
+    before = {p.name: p.stat().st_mtime_ns for p in (sweep / "tables").rglob("*.parquet")}
+    extended = job_file("smoke", **{"grid.seed": [0, 1, 2]})
+    dry = nc_ray_cli("sweep", str(extended), "--storage", str(tmp_path), "--dry-run")
+    out, _ = dry.communicate(timeout=120)
+    assert dry.returncode == 0, out
+    assert "12 members, 8 already finished, 2 packs" in out
+    run_sweep(extended, tmp_path, show_progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in (sweep / "tables").rglob("*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items()), "finished members were rewritten"
+    new_files = set(after) - set(before)
+    new_members = {m.member_id for m in load_spec(extended).members()} - {m.member_id for m in load_spec(first).members()}
+    trained = {k[0] for k in table_keys(sweep, "metrics")} - {k[0] for k in expected_keys(first)}
+    assert trained == new_members and len(new_members) == 4
+    packs = [json.loads(p.read_text()) for p in (sweep / "packs").glob("*.json")]
+    new_packs = {p["pack_id"] for p in packs if {m["member_id"] for m in p["members"]} <= new_members}
+    assert len(new_packs) == 2 and {name[:16] for name in new_files} == new_packs
+    assert_exactly_once(sweep, extended)
+
+
+def test_killed_trial_is_retried_and_rows_land_once(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke", name="trialkill", **LONG)
+    sweep = tmp_path / "trialkill"
+    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path), "--address", ray_address)
+    try:
+        progress = wait_for_progress(sweep, 300)
+        os.kill(progress["pid"], signal.SIGKILL)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out
+    assert_exactly_once(sweep, spec_path)
+    tune_dirs = list((sweep / "tune-000").glob("*/error.txt"))
+    assert tune_dirs, "the killed trial should have left Tune's error record before its retry"
+
+
+def test_driver_sigkill_then_resume(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke", name="driverkill", **LONG)
+    sweep = tmp_path / "driverkill"
+    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path), "--address", ray_address)
+    try:
+        wait_for_progress(sweep, 500)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.communicate(timeout=60)
+    status = sweep_status(str(sweep))
+    assert status.counts["complete"] < 8
+    resume = nc_ray_cli("resume", str(sweep), "--address", ray_address)
+    out, _ = resume.communicate(timeout=300)
+    assert resume.returncode == 0, out
+    assert "8 complete" in out
+    assert_exactly_once(sweep, spec_path)
+
+
+def test_second_driver_on_the_same_directory_is_refused(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke")
+    store = SweepStore(str(tmp_path / "smoke"))
+    with SweepLock(store):
+        with pytest.raises(SweepBusyError, match="in use by another nc-ray"):
+            run_sweep(spec_path, tmp_path, show_progress=False)
+        cli = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path))
+        out, _ = cli.communicate(timeout=120)
+    assert cli.returncode == 2 and "in use by another nc-ray" in out
+    assert not (tmp_path / "smoke" / "tables").exists()
+
+
+def test_invalid_spec_fails_before_anything_is_written(tmp_path, job_file):
+    spec_path = job_file("smoke", **{"model.depth": 1})
+    cli = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path / "store"))
+    out, _ = cli.communicate(timeout=120)
+    assert cli.returncode == 2
+    assert str(spec_path) in out and "model.depth" in out and "1" in out
+    assert not (tmp_path / "store").exists()
+
+
+def test_optuna_mode_concentrates_trials_and_keeps_its_study(ray_address, tmp_path, job_file):
+    spec_path = job_file(
+        "smoke", name="optuna",
+        **{"grid.weight_decay": None, "grid.depth": [2, 3], "training.epochs": 4, "metrics.every": 4,
+           "search": {"mode": "optuna", "num_samples": 3, "weight_decay": {"low": 1e-4, "high": 1e-1},
+                      "objective": {"metric": "tcv_rel", "layer": "penultimate", "target": 0.01}}},
+    )
+    run_sweep(spec_path, tmp_path, show_progress=False)
+    sweep = tmp_path / "optuna"
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="optuna", storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal"))))
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 3
+    assert all(np.isfinite(t.value) for t in finished)
+    members = duckdb.connect().execute(f"SELECT depth, weight_decay, seed FROM read_parquet('{sweep}/tables/members/*.parquet')").fetchall()
+    assert len(members) == 6  # 3 trials x 2 seeds
+    assert {round(t.params["weight_decay"], 12) for t in finished} == {round(w, 12) for _, w, _ in members}
