@@ -1,10 +1,16 @@
 """Per-layer collapse, rank and bound-certificate metrics, every name and formula as in SCIENCE.md.
 
-Computed for all G members of a pack at once in float64: batched SVDs of W_l, and class
-statistics of each layer's input Z_{l-1} streamed over the metric set in chunks, in two passes
-(class means first, then deviations from them), so the metric set never has to fit in memory
-as a whole. The certificate uses the per-sample output gradients δ_i = ∂ℓ_i/∂h_i, obtained by
-one backward pass per chunk.
+Computed for all G members of a pack at once: batched SVDs of W_l, and class statistics of each
+layer's input Z_{l-1} streamed over the metric set in chunks, in two passes (class means first,
+then deviations from them), so the metric set never has to fit in memory as a whole. The
+certificate uses the per-sample output gradients δ_i = ∂ℓ_i/∂h_i, from one backward pass per chunk.
+
+Precision: the forward and backward passes run in the network's own dtype (the function it was
+trained as); everything after them (class means, deviations, sums, Δ Zᵀ, SVDs, norms, the
+certificate) in float64. The certificate is an identity between the Z and Δ it is given,
+λW = G − (1/N)ΔZᵀ with G := (1/N)ΔZᵀ + λW, so it holds to float64 rounding whatever their
+precision; a float32 network's grad_norm carries its forward pass's float32 rounding (~1e-7
+relative to ||ΔZᵀ||/N). A float64 network is measured in float64 throughout.
 """
 
 from __future__ import annotations
@@ -123,12 +129,13 @@ def pack_metrics(
     G_l = (1/N) Δ Zᵀ + λ W_l, and b0 = (||Δ(Z − M)ᵀ||_F / N + ||G_l||_F) / λ.
     """
     device = model.weights[0].device
+    forward_dtype = model.weights[0].dtype
     weights = [w.detach().to(torch.float64) for w in model.weights]
-    biases = [b.detach().to(torch.float64) for b in model.biases] if model.biases is not None else None
+    biases = [b.detach() for b in model.biases] if model.biases is not None else None
     arch, activation = model.spec.arch, model.spec.activation
     decay = torch.as_tensor(weight_decays, dtype=torch.float64, device=device)
     size, depth, n = model.size, len(weights), len(x)
-    x = x.to(device=device, dtype=torch.float64)
+    x = x.to(device=device, dtype=forward_dtype)
     y = y.to(device)
     if chunk_size is None:
         widest = max(max(w.shape[1:]) for w in weights)
@@ -138,14 +145,18 @@ def pack_metrics(
     present = counts > 0
 
     # Leaves that require grad give the pre-activations a graph, through which δ = ∂ℓ/∂h flows.
-    graph_weights = [w.clone().requires_grad_() for w in weights]
+    graph_weights = [w.detach().clone().requires_grad_() for w in model.weights]
 
     def forward_with_graph(part: slice) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         with torch.enable_grad():
             return forward_layers(x[part], graph_weights, biases, arch, activation)
 
-    # A metric set that fits in one chunk is run forward once and serves both passes.
+    def as_float64(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [z.detach().double() for z in inputs]
+
+    # A metric set that fits in one chunk is run forward (and cast) once and serves both passes.
     single = forward_with_graph(parts[0]) if len(parts) == 1 else None
+    single_inputs = as_float64(single[1]) if single else None
 
     # Pass 1: class means μ_c and global mean μ_G of every layer's input. Layer 1's input is
     # the data, shared by the pack: its statistics are computed once, without a member axis.
@@ -153,9 +164,9 @@ def pack_metrics(
     with torch.no_grad():
         for part in parts:
             onehot = torch.nn.functional.one_hot(y[part], n_classes).to(torch.float64).T
-            inputs = single[1] if single else forward_layers(x[part], weights, biases, arch, activation)[1]
+            inputs = single_inputs or as_float64(forward_layers(x[part], list(model.weights), biases, arch, activation)[1])
             for layer, z in enumerate(inputs):
-                class_sums[layer] = class_sums[layer] + onehot @ z.detach()
+                class_sums[layer] = class_sums[layer] + onehot @ z
     means, global_means, centered_means, centered_pinv, between_sq = [], [], [], [], []
     for sums in class_sums:
         mean = sums / counts.clamp_min(1)[:, None]
@@ -180,26 +191,27 @@ def pack_metrics(
         yb = y[part]
         onehot = torch.nn.functional.one_hot(yb, n_classes).to(torch.float64)
         output, inputs, pre_activations = single or forward_with_graph(part)
+        inputs = single_inputs or as_float64(inputs)
         with torch.enable_grad():
             sample_losses = per_sample_loss(output, yb, loss)
             deltas = torch.autograd.grad(sample_losses.sum(), pre_activations)
         with torch.no_grad():
-            loss_sum += sample_losses.detach().sum(1)
+            loss_sum += sample_losses.detach().double().sum(1)
             prediction = output.detach().argmax(-1)
             correct += (prediction == yb).double().sum(1)
             for layer in range(depth):
-                z, delta = inputs[layer].detach(), deltas[layer]
+                z, delta = inputs[layer], deltas[layer].double()
                 deviation = z - means[layer][..., yb, :]
-                deviation_norm_sq = deviation.square().sum(-1)
-                tcv[:, layer] += deviation_norm_sq.sqrt().sum(-1)
-                tcv_sq[:, layer] += deviation_norm_sq.sum(-1)
+                deviation_norm = torch.linalg.vector_norm(deviation, dim=-1)
+                tcv[:, layer] += deviation_norm.sum(-1)
+                tcv_sq[:, layer] += deviation_norm.square().sum(-1)
                 nc1_sum[:, layer] += (deviation @ centered_pinv[layer].transpose(-1, -2)).square().sum((-2, -1))
-                delta_norm_sq = delta.square().sum(-1)
-                delta_max[:, layer] = torch.maximum(delta_max[:, layer], delta_norm_sq.max(1).values.sqrt())
-                delta_sq[:, layer] += delta_norm_sq.sum(1)
+                delta_norm = torch.linalg.vector_norm(delta, dim=-1)
+                delta_max[:, layer] = torch.maximum(delta_max[:, layer], delta_norm.max(1).values)
+                delta_sq[:, layer] += delta_norm.square().sum(1)
                 delta_z[layer] += delta.transpose(1, 2) @ z
                 delta_class[layer] += onehot.T @ delta
-            distances = torch.cdist(inputs[-1].detach(), means[-1][:, present])
+            distances = torch.cdist(inputs[-1], means[-1][:, present])
             nearest = torch.nonzero(present).flatten()[distances.argmin(-1)]
             ncc_mismatch += (nearest != prediction).double().sum(1)
 

@@ -234,7 +234,7 @@ class PackedNetwork(nn.Module):
         spec = members[0].spec
         if any(m.spec != spec for m in members):
             raise ValueError("all members of a pack must share one architecture")
-        pack = cls(spec, seeds=[0] * len(members))
+        pack = cls(spec, seeds=[0] * len(members)).to(members[0].layers[0].weight.dtype)
         with torch.no_grad():
             for layer in range(spec.depth):
                 pack.weights[layer].copy_(torch.stack([m.layers[layer].weight for m in members]))

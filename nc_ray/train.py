@@ -115,6 +115,12 @@ class PackTrainer:
         self.diverged_epoch = torch.where(newly, self.epoch, self.diverged_epoch)
         self.active &= ~failed
 
+    def mark_diverged(self, indices: Sequence[int]) -> None:
+        """Freeze members found non-finite outside training (e.g. by an evaluation)."""
+        failed = torch.zeros_like(self.active)
+        failed[list(indices)] = True
+        self._freeze(failed)
+
     @property
     def diverged(self) -> list[bool]:
         return (~self.active).tolist()

@@ -161,8 +161,11 @@ class PackRun:
                     "train_loss": float(train["loss"][position]), "train_acc": float(train["accuracy"][position]),
                     "test_loss": float(test["loss"][position]), "test_acc": float(test["accuracy"][position]),
                 }
-                if not all(np.isfinite(list(evaluation.values()))):
-                    continue  # diverged within this epoch's last steps: its last finite rows stand
+                certificate = result.layer["b0"][position]
+                if not (np.isfinite(list(evaluation.values())).all() and np.isfinite(certificate).all()):
+                    # Overflowed since the last steps' checks: diverged; its last finite rows stand.
+                    self.trainer.mark_diverged([index])
+                    continue
                 self.last_evaluation[index] = {**evaluation, "epoch": epoch}
                 keys = {"member_id": config["member_id"], "pack_id": self.pack.pack_id, "epoch": epoch, **config}
                 for row in result.rows(position):
