@@ -1,0 +1,60 @@
+"""The sweep directory through pyarrow filesystems: local paths and URIs alike."""
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nc_ray.store import SCHEMA_VERSION, PackPlan, SweepStore, rows_to_table
+
+
+@pytest.fixture(params=["local", "mock"])
+def store(request, tmp_path):
+    # mock:// is pyarrow's in-memory filesystem: the code path of s3:// or gs:// without a network.
+    return SweepStore(str(tmp_path / "sweep") if request.param == "local" else "mock:///bucket/sweeps/demo")
+
+
+def test_tables_round_trip_with_nulls_for_nan(store):
+    rows = [{"member_id": "m1", "pack_id": "p", "epoch": 3, "layer": 1, "tcv_rel": math.nan, "bound_ok": True, "rank_rel_1e2": 7}]
+    store.write_table("metrics", "p-e000003", rows)
+    table = store.read_table("metrics")
+    assert table.num_rows == 1
+    assert table["tcv_rel"].to_pylist() == [None]
+    assert table["rank_rel_1e2"].to_pylist() == [7]
+    assert store.list_files("tables/metrics", ".parquet") == ["p-e000003.parquet"]
+    store.write_table("metrics", "p-e000003", rows)  # a retried trial rewrites the same file
+    assert store.read_table("metrics").num_rows == 1
+
+
+def test_empty_table_has_the_schema(store):
+    table = store.read_table("members", ["member_id", "status"])
+    assert table.num_rows == 0 and table.column_names == ["member_id", "status"]
+    assert store.member_statuses() == {}
+
+
+def test_published_files_carry_the_schema_version(tmp_path):
+    local = SweepStore(str(tmp_path))
+    local.write_table("spectra", "p-e000000", [{"member_id": "m", "epoch": 0, "layer": 1, "singular_values": [2.0, 1.0]}])
+    metadata = pq.read_schema(tmp_path / "tables" / "spectra" / "p-e000000.parquet").metadata
+    assert metadata[b"nc_ray.schema_version"] == str(SCHEMA_VERSION).encode()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_packs_weights_and_state(store):
+    pack = PackPlan("abc", [{"member_id": "m1", "seed": 0}])
+    store.write_pack(pack)
+    assert store.pack_ids() == ["abc"] and store.read_pack("abc") == pack
+    store.write_weights("abc", {"m1/W1": torch.eye(3)}, {"pack_id": "abc"})
+    assert torch.equal(store.read_weights("abc")["m1/W1"], torch.eye(3))
+    assert store.read_state("abc") is None
+    store.write_state("abc", {"epoch": 4, "tensor": torch.arange(3)})
+    assert store.read_state("abc")["epoch"] == 4
+    store.delete_state("abc")
+    assert store.read_state("abc") is None
+
+
+def test_rows_to_table_rejects_wrong_types():
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
+        rows_to_table("metrics", [{"member_id": "m", "epoch": "three"}])
