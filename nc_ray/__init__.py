@@ -8,7 +8,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "load_member"]
+__all__ = ["__version__", "load_member", "open_sweep"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from nc_ray.trial import load_member
 
         return load_member
+    if name == "open_sweep":
+        from nc_ray.query import open_sweep
+
+        return open_sweep
     raise AttributeError(f"module 'nc_ray' has no attribute {name!r}")

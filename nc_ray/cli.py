@@ -3,14 +3,19 @@
     nc-ray sweep jobs/quickstart.yaml [--storage DIR|URI] [--address ADDR] [--dry-run]
     nc-ray resume SWEEP_DIR [--address ADDR]
     nc-ray status SWEEP_DIR
+    nc-ray query SWEEP_DIR ["SELECT ..."] [--sweep DIR ...] [--format table|csv|json|parquet] [--output FILE]
+    nc-ray phase SWEEP_DIR [--metric M ...] [--x weight_decay] [--y depth] [--layer N | --layers hidden] [--epoch N|all]
+    nc-ray report SWEEP_DIR [--output FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from nc_ray.spec import SpecError, load_spec
 from nc_ray.store import SweepBusyError
@@ -62,6 +67,146 @@ def _print_status(where: str, status) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _exits_2_on_query_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A QueryError (DuckDB's message) or ValueError (a bad option) -> its message on stderr, exit 2."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from nc_ray.query import QueryError
+
+        try:
+            return handler(args)
+        except (QueryError, ValueError) as error:
+            print(f"nc-ray: {error}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_exits_2_on_query_errors
+def _query(args: argparse.Namespace) -> int:
+    from nc_ray.query import VIEWS, open_sweep
+
+    with open_sweep(args.sweep_dir, *args.sweep) as sweep:
+        if args.output and any(Path(args.output).resolve().is_relative_to(d) for d in sweep.directories):
+            raise ValueError(f"query sessions are read-only: --output {args.output} is inside a sweep directory")
+        if args.sql is None:
+            counts = ", ".join(f"{v} ({sweep.sql(f'SELECT count(*) FROM {v}').column(0)[0].as_py()} rows)" for v in VIEWS)
+            print(f"views over {', '.join(map(str, sweep.directories))}: {counts}")
+            for view in VIEWS:
+                print(f"  {view}: {', '.join(sweep.columns(view))}")
+            return 0
+        table = sweep.sql(args.sql)
+    _write_result(table, args.format, args.output)
+    return 0
+
+
+def _write_result(table, form: str, output: str | None) -> None:
+    import json
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    sink = open(output, "wb") if output else sys.stdout.buffer
+    try:
+        if form == "table":
+            from nc_ray.query import format_table
+
+            sink.write((format_table(table) + "\n").encode())
+        elif form == "csv":
+            pacsv.write_csv(table, sink)
+        elif form == "json":
+            sink.write((json.dumps(table.to_pylist(), default=str) + "\n").encode())
+        else:
+            pq.write_table(table, sink)
+        sink.flush()
+    finally:
+        if output:
+            sink.close()
+
+
+def _thresholds(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from nc_ray.analysis import PhaseThresholds
+
+    return PhaseThresholds(**{f.name: getattr(args, f.name) for f in fields(PhaseThresholds)})
+
+
+@_exits_2_on_query_errors
+def _phase(args: argparse.Namespace) -> int:
+    from nc_ray.analysis import DEFAULT_METRICS, aggregate, phase_grid_text, try_forecast_setup, write_aggregate
+    from nc_ray.plots import save_png, standard_figures
+    from nc_ray.query import open_sweep
+    from nc_ray.store import EVALUATION_COLUMNS
+
+    layers = args.layer if args.layer is not None else args.layers
+    epoch = args.epoch
+    metrics = args.metric or ["train_acc", "rank_rel_1e2", "dist_k_rel", "tcv_rel", "sv_max"]
+    with open_sweep(args.sweep_dir) as sweep:
+        table = aggregate(sweep, x=args.x, y=args.y, metrics=[*metrics, *DEFAULT_METRICS], layers=layers, epoch=epoch, thresholds=_thresholds(args))
+        print(f"phase table: {write_aggregate(str(sweep.directories[0]), table)}")
+        if epoch == "all":
+            print("heatmaps are drawn for one epoch: pass --epoch N (or leave it out for the final epoch)")
+            return 0
+        setup, problem = try_forecast_setup(sweep, args.collapse_layer, args.radius)
+        if problem:
+            print(f"no forecast boundary: {problem}")
+        when = "final epoch" if epoch == "final" else f"epoch {epoch}"
+        where = f"layer {layers}" if isinstance(layers, int) else f"{layers} layers"
+        per_member = {name for name, _ in EVALUATION_COLUMNS}  # the same on every layer
+        heatmaps = {
+            m if m in per_member else f"{m}_{layers}": (f"{m}_median", f"{m}{'' if m in per_member else ', ' + where}, {when} (median over seeds)")
+            for m in metrics
+        }
+        out = Path(args.out) if args.out else sweep.directories[0] / "analysis"
+        figures = standard_figures(sweep, table, heatmaps, setup, args.member)
+    if not figures:
+        print("no cells to draw: the sweep has no member rows yet")
+        return 1
+    print(phase_grid_text(table))
+    suffix = "" if epoch == "final" else f"_e{epoch}"
+    for name, figure in figures.items():
+        print(f"wrote {save_png(figure, out / f'{name}{suffix}.png')}")
+    return 0
+
+
+@_exits_2_on_query_errors
+def _report(args: argparse.Namespace) -> int:
+    from nc_ray.report import write_report
+
+    path, problem = write_report(
+        args.sweep_dir, args.output, thresholds=_thresholds(args), radius=args.radius, collapse_layer=args.collapse_layer, member_id=args.member,
+    )
+    if problem:
+        print(f"no forecast in the report: {problem}")
+    print(f"report: {path}")
+    return 0
+
+
+def _epoch(text: str) -> int | str:
+    if text in ("final", "all"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch number, 'final' or 'all', got {text!r}") from None
+
+
+def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    """Phase thresholds (one option per PhaseThresholds field) and forecast options."""
+    from dataclasses import fields
+
+    from nc_ray.analysis import PhaseThresholds
+
+    group = parser.add_argument_group("phase thresholds (SCIENCE.md defaults, stored with the outputs)")
+    for field in fields(PhaseThresholds):
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=float, default=field.default, help=f"default {field.default}")
+    parser.add_argument("--radius", type=float, default=None, help="class-mean radius r for the forecast (default: from the training inputs)")
+    parser.add_argument("--collapse-layer", type=int, default=1, help="m: features collapse after layer m, the forecast's tail is D = L - m (default 1)")
+    parser.add_argument("--member", default=None, help="member_id whose spectra are plotted over epochs (default: a complete member mid-grid)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nc-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="members complete / running / pending / diverged / failed")
     status.add_argument("sweep_dir")
     status.set_defaults(handler=_status)
+
+    query = commands.add_parser("query", help="SQL over the views members, metrics, spectra, planned (read-only)")
+    query.add_argument("sweep_dir", help="sweep directory (or a quoted glob matching several)")
+    query.add_argument("sql", nargs="?", default=None, help="one SELECT statement, right after SWEEP_DIR (before any option); without it, list the views")
+    query.add_argument("--sweep", action="append", default=[], metavar="DIR", help="another sweep directory or glob (repeatable); adds rows, told apart by the sweep column")
+    query.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
+    query.add_argument("--output", default=None, metavar="FILE", help="write the result here (default stdout); not inside a sweep directory")
+    query.set_defaults(handler=_query)
+
+    phase = commands.add_parser("phase", help="aggregate per cell, write the phase table, phase map, heatmaps and relation plots")
+    phase.add_argument("sweep_dir")
+    phase.add_argument("--metric", action="append", default=None, help="metric to draw as a heatmap (repeatable; default train_acc, rank_rel_1e2, dist_k_rel, tcv_rel, sv_max)")
+    phase.add_argument("--x", default="weight_decay", help="config column across (default weight_decay, log axis)")
+    phase.add_argument("--y", default="depth", help="config column up (default depth)")
+    chosen = phase.add_mutually_exclusive_group()
+    chosen.add_argument("--layer", type=int, default=None, help="metrics of this layer number")
+    chosen.add_argument("--layers", choices=("hidden", "penultimate", "all"), default="hidden",
+                        help="per member, the median over these layers: hidden = 2..L-1, penultimate = layer L (default hidden)")
+    phase.add_argument("--epoch", type=_epoch, default="final", help="an evaluation epoch, 'final' (default: each member's last) or 'all' (table only)")
+    phase.add_argument("--out", default=None, help="folder for the PNGs (default SWEEP_DIR/analysis)")
+    _add_analysis_options(phase)
+    phase.set_defaults(handler=_phase)
+
+    report = commands.add_parser("report", help="one self-contained HTML page with the sweep's result")
+    report.add_argument("sweep_dir")
+    report.add_argument("--output", default=None, metavar="FILE", help="default SWEEP_DIR/analysis/report.html")
+    _add_analysis_options(report)
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -1,0 +1,374 @@
+"""Phase aggregation over two config axes, and the forecast next to what was measured.
+
+`aggregate` turns the `metrics` table of a sweep session into one row per cell (x, y) of two config
+axes (default x = weight_decay, y = depth), in a single DuckDB query:
+
+1. Members: only `complete` members enter the statistics, at their final epoch (`members.final_epoch`;
+   or a given epoch, or every epoch with epoch="all"). `diverged` and `failed` members are counted
+   per cell (`n_diverged`, `n_failed`), never averaged in; `n_unfinished` counts planned members
+   (`planned` view) with no members row yet.
+2. Per member, each metric is the median over the selected layers (`layers`): "hidden" = layers
+   2..L-1 (layer 1 when L = 2), "penultimate" = layer L (whose input is the penultimate features,
+   the rows carrying nc2..nc4), "all", or a layer number.
+3. Per cell: median, 25% and 75% quantiles over members (`<metric>_median`, `_q25`, `_q75`;
+   continuous quantiles, as numpy's default), and the phase of SCIENCE.md from the medians over
+   members of these per-member values, each with its own fixed layers whatever `layers` says:
+     phase_train_acc  train accuracy
+     phase_sv_max     sv_max, median over all layers: the reading of "sigma_1 -> 0"
+     phase_tcv_rel    tcv_rel of layer L (penultimate features)
+     phase_rank_rel   rank_rel_1e2, median over the hidden layers (as in 2.)
+   trivial             phase_train_acc <= 1/K + trivial_acc_margin or phase_sv_max <= trivial_sv_max
+   collapsed_low_rank  phase_train_acc >= collapsed_acc, phase_tcv_rel <= collapsed_tcv_rel and
+                       phase_rank_rel <= collapsed_rank_per_class * K
+   not_collapsed       every other cell with a complete member (null phase: no complete member)
+K comes from each member's dataset and dataset_params (`nc_ray.data.n_classes_of`; the metrics
+table has no class count). `n_configs` counts the distinct configs (all config columns but x, y
+and seed) pooled in a cell: more than 1 means other axes are mixed in, select a slice first.
+
+The thresholds are stored in the table: as constant `threshold_*` columns and, with the axes,
+layers, epoch and metrics, as JSON in the Parquet key-value metadata (key `nc_ray.phase`).
+`write_aggregate` publishes it as <sweep>/analysis/phase_<x>_<y>[...].parquet (outside tables/).
+
+The forecast part (`forecast_setup`, `forecast_comparison`) puts `nc_ray.theory` next to the
+measurements: lam_crit(depth - m) per depth for the phase map, and s* per cell against the
+measured top-k singular values of the middle layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nc_ray.store import CONFIG_COLUMNS, SweepStore
+from nc_ray.theory import LABEL, class_mean_radius, critical_weight_decay, forecast
+
+if TYPE_CHECKING:  # duckdb is imported by the functions that query, keeping `nc-ray --help` light
+    from nc_ray.query import Sweep
+
+PHASES = ("trivial", "collapsed_low_rank", "not_collapsed")
+DEFAULT_METRICS = (
+    "train_acc", "test_acc", "sv_max", "rank_rel_1e2", "stable_rank", "dist_k_rel", "tcv_rel", "nc1", "bound_ratio",
+)
+LAYER_GROUPS = ("hidden", "penultimate", "all")
+Layers = Literal["hidden", "penultimate", "all"] | int
+Epoch = int | Literal["final", "all"]
+METADATA_KEY = b"nc_ray.phase"
+_CONFIG_NAMES = tuple(name for name, _ in CONFIG_COLUMNS)
+_HIDDEN = "(layer < depth AND (layer > 1 OR depth <= 2))"
+
+
+@dataclass(frozen=True)
+class PhaseThresholds:
+    """The phase rules' thresholds (SCIENCE.md defaults; see the module doc for the rules)."""
+
+    trivial_acc_margin: float = 0.05
+    trivial_sv_max: float = 1e-3
+    collapsed_acc: float = 0.99
+    collapsed_tcv_rel: float = 1e-2
+    collapsed_rank_per_class: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value in self.as_dict().items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"threshold {name} must be a finite number >= 0, got {value!r}")
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def layer_predicate(layers: Layers) -> str:
+    """SQL condition on a metrics row (columns layer, depth) selecting `layers`."""
+    if isinstance(layers, bool) or not isinstance(layers, (int, str)):
+        raise ValueError(f"layers must be one of {LAYER_GROUPS} or a layer number, got {layers!r}")
+    if isinstance(layers, int):
+        if layers < 1:
+            raise ValueError(f"layer numbers start at 1, got {layers}")
+        return f"(layer = {layers})"
+    if layers not in LAYER_GROUPS:
+        raise ValueError(f"layers must be one of {LAYER_GROUPS} or a layer number, got {layers!r}")
+    return {"hidden": _HIDDEN, "penultimate": "(layer = depth)", "all": "true"}[layers]
+
+
+def table_name(x: str, y: str, layers: Layers, epoch: Epoch) -> str:
+    """File stem of an aggregate under <sweep>/analysis/: phase_<x>_<y>[_<layers>][_e<epoch>]."""
+    parts = ["phase", x, y]
+    if layers != "hidden":
+        parts.append(f"layer{layers}" if isinstance(layers, int) else layers)
+    if epoch != "final":
+        parts.append(f"e{epoch}")
+    return "_".join(parts)
+
+
+def _class_counts(sweep: Sweep) -> list[tuple[str, str, int]]:
+    """(dataset, dataset_params, K) for every dataset configuration in the sweep."""
+    from nc_ray.data import n_classes_of  # imports torch: only when aggregating
+
+    pairs = sweep.sql(
+        "SELECT DISTINCT dataset, dataset_params FROM (SELECT dataset, dataset_params FROM members "
+        "UNION ALL SELECT dataset, dataset_params FROM planned) WHERE dataset IS NOT NULL"
+    ).to_pylist()
+    return [(p["dataset"], p["dataset_params"], n_classes_of(p["dataset"], **json.loads(p["dataset_params"] or "{}"))) for p in pairs]
+
+
+def _check_names(sweep: Sweep, x: str, y: str, metrics: Sequence[str]) -> None:
+    if x == y:
+        raise ValueError(f"x and y must be different config columns, both are {x!r}")
+    for axis in (x, y):
+        if axis not in _CONFIG_NAMES:
+            raise ValueError(f"axis {axis!r} is not a config column; config columns: {', '.join(_CONFIG_NAMES)}")
+    numeric = {f.name for f in sweep.sql("SELECT * FROM metrics LIMIT 0").schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)}
+    bad = [m for m in metrics if m not in numeric or m in ("epoch", "layer")]
+    if bad or not metrics:
+        raise ValueError(f"metrics must be numeric metric columns, got {list(metrics)!r}; numeric columns: {', '.join(sorted(numeric))}")
+
+
+def aggregation_sql(
+    x: str, y: str, metrics: Sequence[str], layers: Layers, epoch: Epoch, thresholds: PhaseThresholds,
+    class_counts: Sequence[tuple[str, str, int]],
+) -> tuple[str, list]:
+    """The one query behind `aggregate` and its parameters (see the module doc for its contract)."""
+    from nc_ray.query import quote_identifier
+
+    qx, qy = quote_identifier(x), quote_identifier(y)
+    selected = layer_predicate(layers)
+    if epoch == "final":
+        epoch_join, epoch_key = "AND m.epoch = c.final_epoch", ""
+    elif epoch == "all":
+        epoch_join, epoch_key = "", "epoch, "
+    elif isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0:
+        epoch_join, epoch_key = f"AND m.epoch = {epoch}", ""
+    else:
+        raise ValueError(f"epoch must be 'final', 'all' or an epoch number >= 0, got {epoch!r}")
+    t = thresholds
+    names = [quote_identifier(m) for m in metrics]
+    k_rows = " UNION ALL ".join(["SELECT ?::VARCHAR, ?::VARCHAR, ?::BIGINT"] * len(class_counts)) or "SELECT NULL::VARCHAR, NULL::VARCHAR, NULL::BIGINT WHERE false"
+    other_config = ", ".join(quote_identifier(c) for c in _CONFIG_NAMES if c not in (x, y, "seed"))
+    metric_values = ",\n        ".join(f"median({n}) FILTER (WHERE {selected}) AS {n}" for n in names)
+    metric_quantiles = ",\n        ".join(f"quantile_cont({n}, [0.25, 0.5, 0.75]) AS {n}" for n in names)
+    metric_columns = ",\n    ".join(
+        f"s.{n}[{i}] AS {quote_identifier(f'{m}_{stat}')}" for m, n in zip(metrics, names) for i, stat in ((2, "median"), (1, "q25"), (3, "q75"))
+    )
+    sql = f"""
+WITH k(dataset, dataset_params, n_classes) AS ({k_rows}),
+finished AS (
+    SELECT sweep, member_id, status, final_epoch, {qx} AS x, {qy} AS y, n_classes, row({other_config}) AS config
+    FROM members LEFT JOIN k USING (dataset, dataset_params)
+),
+member_values AS (
+    SELECT {epoch_key}c.x, c.y, any_value(c.n_classes) AS n_classes,
+        {metric_values},
+        median(m.train_acc) AS phase_train_acc,
+        median(m.sv_max) AS phase_sv_max,
+        median(m.tcv_rel) FILTER (WHERE layer = depth) AS phase_tcv_rel,
+        median(m.rank_rel_1e2) FILTER (WHERE {_HIDDEN}) AS phase_rank_rel
+    FROM metrics m JOIN finished c ON m.sweep = c.sweep AND m.member_id = c.member_id {epoch_join}
+    WHERE c.status = 'complete'
+    GROUP BY {epoch_key}c.x, c.y, c.sweep, c.member_id
+),
+cell_values AS (
+    SELECT {epoch_key}x, y, any_value(n_classes) AS n_classes,
+        {metric_quantiles},
+        median(phase_train_acc) AS phase_train_acc, median(phase_sv_max) AS phase_sv_max,
+        median(phase_tcv_rel) AS phase_tcv_rel, median(phase_rank_rel) AS phase_rank_rel
+    FROM member_values GROUP BY ALL
+),
+counts AS (
+    SELECT x, y,
+        count(*) FILTER (WHERE status = 'complete') AS n_complete,
+        count(*) FILTER (WHERE status = 'diverged') AS n_diverged,
+        count(*) FILTER (WHERE status = 'failed') AS n_failed,
+        count(DISTINCT config) AS n_configs
+    FROM finished GROUP BY ALL
+),
+plan AS (
+    SELECT p.{qx} AS x, p.{qy} AS y, count(*) AS n_unfinished
+    FROM planned p ANTI JOIN members f ON p.sweep = f.sweep AND p.member_id = f.member_id
+    GROUP BY ALL
+)
+SELECT {epoch_key}x AS {qx}, y AS {qy},
+    coalesce(n_complete, 0) AS n_complete, coalesce(n_diverged, 0) AS n_diverged,
+    coalesce(n_failed, 0) AS n_failed, coalesce(n_unfinished, 0) AS n_unfinished, coalesce(n_configs, 0) AS n_configs,
+    s.n_classes,
+    CASE
+        WHEN s.n_classes IS NULL THEN NULL
+        WHEN s.phase_train_acc <= 1.0 / s.n_classes + {t.trivial_acc_margin!r} OR s.phase_sv_max <= {t.trivial_sv_max!r} THEN 'trivial'
+        WHEN s.phase_train_acc >= {t.collapsed_acc!r} AND s.phase_tcv_rel <= {t.collapsed_tcv_rel!r}
+            AND s.phase_rank_rel <= {t.collapsed_rank_per_class!r} * s.n_classes THEN 'collapsed_low_rank'
+        ELSE 'not_collapsed'
+    END AS phase,
+    s.phase_train_acc, s.phase_sv_max, s.phase_tcv_rel, s.phase_rank_rel,
+    {metric_columns}
+FROM counts FULL JOIN plan USING (x, y) LEFT JOIN cell_values s USING (x, y)
+ORDER BY {qy}, {epoch_key}{qx}
+"""
+    params = [value for row in class_counts for value in row]
+    return sql, params
+
+
+def aggregate(
+    sweep: Sweep,
+    *,
+    x: str = "weight_decay",
+    y: str = "depth",
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    layers: Layers = "hidden",
+    epoch: Epoch = "final",
+    thresholds: PhaseThresholds = PhaseThresholds(),
+) -> pa.Table:
+    """One row per cell (x, y) [and epoch when epoch="all"]: counts, the phase and the statistics
+    of `metrics` over complete members (module doc). Thresholds and options are stored in the
+    table (threshold_* columns, `layers` column, schema metadata `nc_ray.phase`)."""
+    metrics = list(dict.fromkeys(metrics))
+    _check_names(sweep, x, y, metrics)
+    sql, params = aggregation_sql(x, y, metrics, layers, epoch, thresholds, _class_counts(sweep))
+    table = sweep.sql(sql, params)
+    constants = {"layers": str(layers), **{f"threshold_{k}": v for k, v in thresholds.as_dict().items()}}
+    for name, value in constants.items():
+        table = table.append_column(name, pa.array([value] * table.num_rows, type=pa.string() if name == "layers" else pa.float64()))
+    info = {"x": x, "y": y, "layers": layers, "epoch": epoch, "metrics": metrics, "thresholds": thresholds.as_dict(), "sweeps": sweep.names}
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(info).encode()})
+
+
+def write_aggregate(sweep_dir: str, table: pa.Table) -> str:
+    """Publish an `aggregate` table as <sweep_dir>/analysis/<table_name>.parquet; return its path."""
+    info = json.loads(table.schema.metadata[METADATA_KEY])
+    store = SweepStore(sweep_dir)
+    relative = f"analysis/{table_name(info['x'], info['y'], info['layers'], info['epoch'])}.parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    store.write_bytes(relative, sink.getvalue().to_pybytes())
+    return store.path(relative)
+
+
+PHASE_LETTERS = {"trivial": "T", "collapsed_low_rank": "C", "not_collapsed": "N", None: "."}
+
+
+def phase_grid_text(table: pa.Table) -> str:
+    """An aggregate table's phases as a text grid (rows y, columns x; final-epoch style tables)."""
+    info = json.loads(table.schema.metadata[METADATA_KEY])
+    x, y = info["x"], info["y"]
+    rows = table.select([x, y, "phase"]).to_pylist()
+    xs = sorted({r[x] for r in rows if r[x] is not None})
+    ys = sorted({r[y] for r in rows if r[y] is not None})
+    phase = {(r[x], r[y]): r["phase"] for r in rows}
+    labels = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in xs]
+    width = max([len(f"{y} \\ {x}")] + [len(str(v)) for v in ys])
+    lines = [
+        "phase per cell: " + ", ".join(f"{letter} {name or 'no complete member'}" for name, letter in PHASE_LETTERS.items()),
+        f"{y} \\ {x}".ljust(width) + " " + " ".join(label.rjust(8) for label in labels),
+    ]
+    for v in ys:
+        lines.append(str(v).ljust(width) + " " + " ".join(PHASE_LETTERS[phase.get((u, v))].rjust(8) for u in xs))
+    pooled = max(table["n_configs"].to_pylist(), default=0)
+    if pooled > 1:
+        lines.append(f"warning: some cells pool up to {pooled} configurations (other config columns vary): select a slice")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- forecast
+
+
+@dataclass(frozen=True)
+class ForecastSetup:
+    """What the forecast of `nc_ray.theory` needs about a sweep (one dataset and loss).
+
+    The tail is D = depth - collapse_layer layers: features are taken to collapse after layer m =
+    collapse_layer (default 1, the first layer). `radius` is r, by default `class_mean_radius` of
+    the (standardized) training inputs, centered for ce; `radius_source` says where it came from.
+    """
+
+    n_classes: int
+    radius: float
+    radius_source: str
+    loss: str
+    collapse_layer: int = 1
+    label: str = LABEL
+
+    def tail_depth(self, depth: np.ndarray) -> np.ndarray:
+        return np.asarray(depth) - self.collapse_layer
+
+    def critical_weight_decay(self, depths: Sequence[int]) -> dict[int, float]:
+        """depth -> lam_crit(depth - collapse_layer) (inf when the tail has one layer); depths
+        whose tail would be empty are left out."""
+        usable = sorted({int(d) for d in depths if d - self.collapse_layer >= 1})
+        if not usable:
+            return {}
+        values = critical_weight_decay(self.tail_depth(np.array(usable)), self.n_classes, self.radius, self.loss)
+        return dict(zip(usable, values.tolist()))
+
+
+def forecast_setup(sweep: Sweep, collapse_layer: int = 1, radius: float | None = None) -> ForecastSetup:
+    """The sweep's K, loss and r (loading its training inputs unless `radius` is given).
+
+    Raises ValueError when the sweep mixes datasets, dataset options or losses."""
+    configs = sweep.sql(
+        "SELECT DISTINCT dataset, dataset_params, n_per_class, standardize, loss FROM members"
+    ).to_pylist() or sweep.sql("SELECT DISTINCT dataset, dataset_params, n_per_class, standardize, loss FROM planned").to_pylist()
+    if len(configs) != 1:
+        raise ValueError(f"the forecast needs one dataset configuration and loss per sweep, found {len(configs)}: {configs}")
+    config = configs[0]
+    from nc_ray.data import load_dataset, n_classes_of  # torch: only here
+
+    params = json.loads(config["dataset_params"] or "{}")
+    if radius is None:
+        data = load_dataset(config["dataset"], n_per_class=config["n_per_class"], standardize=config["standardize"], **params)
+        centered = config["loss"] == "ce"
+        radius = class_mean_radius(data.x_train.reshape(len(data.x_train), -1).numpy(), data.y_train.numpy(), centered=centered)
+        source = f"data: mean class-mean norm of the training inputs{' (centered)' if centered else ''}"
+    else:
+        source = "given"
+    return ForecastSetup(
+        n_classes=n_classes_of(config["dataset"], **params), radius=float(radius), radius_source=source,
+        loss=config["loss"], collapse_layer=collapse_layer,
+    )
+
+
+def try_forecast_setup(sweep: Sweep, collapse_layer: int = 1, radius: float | None = None) -> tuple[ForecastSetup | None, str | None]:
+    """`forecast_setup`, or (None, why) when the sweep mixes datasets/losses or its data cannot be loaded."""
+    try:
+        return forecast_setup(sweep, collapse_layer, radius), None
+    except (ValueError, OSError) as error:
+        return None, str(error)
+
+
+def forecast_comparison(sweep: Sweep, setup: ForecastSetup, epoch: int | Literal["final"] = "final") -> pa.Table:
+    """Per (depth, weight_decay) cell: forecast s* and k against the measured mean of the top-k
+    singular values of the middle layers (collapse_layer+1 .. depth-1), median and quartiles over
+    complete members; rel_error = |measured - s*| / s* (null where s* = 0: the zero function)."""
+    k = int(forecast(1.0, 2, setup.n_classes, setup.radius, setup.loss).k)
+    epoch_condition = "s.epoch = f.final_epoch" if epoch == "final" else f"s.epoch = {int(epoch)}"
+    table = sweep.sql(
+        f"""
+        WITH per_member AS (
+            SELECT s.depth, s.weight_decay, s.sweep, s.member_id,
+                avg(list_avg(list_slice(s.singular_values, 1, {k}))) AS top_k
+            FROM spectra s JOIN members f ON s.sweep = f.sweep AND s.member_id = f.member_id
+            WHERE f.status = 'complete' AND {epoch_condition} AND s.layer > {setup.collapse_layer} AND s.layer < s.depth
+            GROUP BY ALL
+        )
+        SELECT depth, weight_decay, count(*) AS n_members, median(top_k) AS measured,
+            quantile_cont(top_k, 0.25) AS measured_q25, quantile_cont(top_k, 0.75) AS measured_q75
+        FROM per_member GROUP BY ALL ORDER BY depth, weight_decay
+        """
+    )
+    depth = np.asarray(table["depth"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    decay = np.asarray(table["weight_decay"].to_numpy(zero_copy_only=False), dtype=float)
+    s_star = forecast(decay, setup.tail_depth(depth), setup.n_classes, setup.radius, setup.loss).s_star if len(depth) else np.zeros(0)
+    measured = np.asarray(table["measured"].to_numpy(zero_copy_only=False), dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        error = np.where(s_star > 0, np.abs(measured - s_star) / s_star, np.nan)
+    return (
+        table.append_column("tail_depth", pa.array(setup.tail_depth(depth)))
+        .append_column("k", pa.array(np.full(len(depth), k)))
+        .append_column("s_star", pa.array(s_star))
+        .append_column("rel_error", pa.array(error, from_pandas=True))
+        .append_column("label", pa.array([setup.label] * len(depth)))
+    )
