@@ -4,7 +4,7 @@ A sweep directory is owned by one driver at a time (a lock file). `run_sweep` tr
 member of the spec that the members table does not list as finished: unfinished packs of earlier
 runs keep their composition (so their files are rewritten, never duplicated), new members are
 grouped into new packs. Each run is a new Tune experiment `tune-<n>`; `resume_sweep` restores
-the latest one, continuing unfinished and errored trials from their last checkpoints.
+the latest one: unfinished and errored trials continue from their packs' saved training state.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ names, exactly the files a crashed attempt may have left.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -26,6 +27,7 @@ import nc_ray
 from nc_ray.data import Dataset, load_dataset
 from nc_ray.metrics import evaluate, pack_metrics
 from nc_ray.models import Architecture, Network, PackedNetwork, build_model
+from nc_ray.spec import MemberConfig
 from nc_ray.store import PackPlan, SweepStore
 from nc_ray.train import PackTrainer, default_device
 
@@ -79,13 +81,13 @@ def architecture(config: dict, data: MemberData) -> Architecture:
     )
 
 
-def evaluation_epochs(config: dict) -> list[int]:
-    """0 (if metric_initial), every multiple of metric_every, and the final epoch."""
-    epochs, every = config["epochs"], config["metric_every"]
-    chosen = set(range(every, epochs + 1, every)) | {epochs}
-    if config["metric_initial"]:
-        chosen.add(0)
-    return sorted(chosen)
+def member_config(record: dict) -> MemberConfig:
+    """The `MemberConfig` of a stored member record (see `nc_ray.store.member_record`)."""
+    fields = {f.name for f in dataclasses.fields(MemberConfig)}
+    return MemberConfig.from_dict({
+        **{key: value for key, value in record.items() if key in fields},
+        "dataset_params": json.loads(record["dataset_params"]),
+    })
 
 
 class PackRun:
@@ -129,7 +131,7 @@ class PackRun:
     def run(self, on_checkpoint: CheckpointCallback | None = None) -> list[dict]:
         """Train to the final epoch, publishing rows at each evaluation; return the members rows."""
         first = self.configs[0]
-        epochs = evaluation_epochs(first)
+        epochs = member_config(first).evaluation_epochs()
         if self.trainer.epoch == 0 and 0 in epochs:
             self._evaluate_and_publish(on_checkpoint)
         while self.trainer.epoch < first["epochs"]:
