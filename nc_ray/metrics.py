@@ -32,7 +32,12 @@ BOUND_TOLERANCE = 1e-9
 # Singular values of M̃ below this fraction of the largest are treated as zero by the pseudo-inverse
 # (M̃ has rank <= K-1 by construction, and its null direction comes out at ~1e-16 relative).
 PINV_RTOL = 1e-10
-_CHUNK_BYTES = 256 * 2**20
+# Chunks whose (members x samples x width) float64 tensors stay near this size keep the
+# elementwise passes in cache: on digits (32 members, width 64) 256-sample chunks make a whole
+# evaluation ~35% faster than one chunk, despite the second forward pass. Below 128 samples the
+# per-chunk Python overhead dominates.
+_CHUNK_TENSOR_BYTES = 4 * 2**20
+_MIN_CHUNK = 128
 
 LAYER_METRICS = (
     "sv_max", "stable_rank", "effective_rank", *RANK_THRESHOLDS, "dist_k", "dist_k_rel", "dist_km1",
@@ -139,7 +144,7 @@ def pack_metrics(
     y = y.to(device)
     if chunk_size is None:
         widest = max(max(w.shape[1:]) for w in weights)
-        chunk_size = max(1, _CHUNK_BYTES // (8 * size * widest * (2 * depth + 2)))
+        chunk_size = max(_MIN_CHUNK, _CHUNK_TENSOR_BYTES // (8 * size * widest))
     parts = _chunks(n, chunk_size)
     counts = torch.bincount(y, minlength=n_classes).to(torch.float64)
     present = counts > 0
