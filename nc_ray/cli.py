@@ -28,6 +28,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
         plan = plan_sweep(spec, args.storage)
         print(f"sweep {spec.name} -> {plan.store.uri}")
+        if spec.search.mode == "optuna":
+            grid = spec.resolved()["grid"]
+            print(
+                f"optuna search: {spec.search.num_samples} trials, each a pack of the {len(grid.get('seed', [0]))} seeds at a sampled "
+                f"depth in {grid.get('depth', [spec.model.depth])} and weight_decay in [{spec.search.weight_decay.low:g}, {spec.search.weight_decay.high:g}]"
+            )
+            return 0
         print(f"{plan.n_members} members, {plan.n_finished} already finished, {len(plan.packs)} packs of <= {plan.pack_size} (pack size for this machine's {os.cpu_count()} CPUs)")
         for pack in plan.packs:
             first = pack.members[0]
