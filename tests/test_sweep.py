@@ -211,3 +211,25 @@ def test_optuna_mode_concentrates_trials_and_keeps_its_study(ray_address, tmp_pa
     members = duckdb.connect().execute(f"SELECT depth, weight_decay, seed FROM read_parquet('{sweep}/tables/members/*.parquet')").fetchall()
     assert len(members) == 6  # 3 trials x 2 seeds
     assert {round(t.params["weight_decay"], 12) for t in finished} == {round(w, 12) for _, w, _ in members}
+
+
+def test_trial_failing_past_max_failures_is_reported_then_resumed(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke", name="failkill", **LONG, **{"resources.max_failures": 0})
+    sweep = tmp_path / "failkill"
+    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path), "--address", ray_address)
+    try:
+        progress = wait_for_progress(sweep, 300)
+        os.kill(progress["pid"], signal.SIGKILL)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, out  # nc-ray exits non-zero while members have failed
+    status = sweep_status(str(sweep))
+    assert status.counts["failed"] == 4 and status.counts["complete"] == 4
+    assert all("Error" in message for message in status.errors.values())
+    assert "4 failed" in out
+    resume = nc_ray_cli("resume", str(sweep), "--address", ray_address)
+    out, _ = resume.communicate(timeout=300)
+    assert resume.returncode == 0, out
+    assert sweep_status(str(sweep)).counts == {"complete": 8, "diverged": 0, "failed": 0, "running": 0, "pending": 0}
+    assert_exactly_once(sweep, spec_path)
