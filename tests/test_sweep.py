@@ -68,6 +68,18 @@ def nc_ray_cli(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "nc_ray.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def sweep_killing_one_trial(spec_path: Path, sweep: Path, ray_address: str) -> tuple[int, str]:
+    """`nc-ray sweep` with one trial's worker process SIGKILLed mid-run: (exit code, output)."""
+    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(sweep.parent), "--address", ray_address)
+    try:
+        progress = wait_for_progress(sweep, 300)
+        os.kill(progress["pid"], signal.SIGKILL)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    return driver.returncode, out
+
+
 def test_smoke_sweep_tables(ray_address, tmp_path, job_file):
     spec_path = job_file("smoke")
     store = run_sweep(spec_path, tmp_path, show_progress=False)
@@ -139,14 +151,8 @@ def test_extending_a_finished_sweep_trains_only_new_members(ray_address, tmp_pat
 def test_killed_trial_is_retried_and_rows_land_once(ray_address, tmp_path, job_file):
     spec_path = job_file("smoke", name="trialkill", **LONG)
     sweep = tmp_path / "trialkill"
-    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path), "--address", ray_address)
-    try:
-        progress = wait_for_progress(sweep, 300)
-        os.kill(progress["pid"], signal.SIGKILL)
-        out, _ = driver.communicate(timeout=300)
-    finally:
-        driver.kill()
-    assert driver.returncode == 0, out
+    returncode, out = sweep_killing_one_trial(spec_path, sweep, ray_address)
+    assert returncode == 0, out
     assert_exactly_once(sweep, spec_path)
     tune_dirs = list((sweep / "tune-000").glob("*/error.txt"))
     assert tune_dirs, "the killed trial should have left Tune's error record before its retry"
@@ -216,14 +222,8 @@ def test_optuna_mode_concentrates_trials_and_keeps_its_study(ray_address, tmp_pa
 def test_trial_failing_past_max_failures_is_reported_then_resumed(ray_address, tmp_path, job_file):
     spec_path = job_file("smoke", name="failkill", **LONG, **{"resources.max_failures": 0})
     sweep = tmp_path / "failkill"
-    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path), "--address", ray_address)
-    try:
-        progress = wait_for_progress(sweep, 300)
-        os.kill(progress["pid"], signal.SIGKILL)
-        out, _ = driver.communicate(timeout=300)
-    finally:
-        driver.kill()
-    assert driver.returncode == 1, out  # nc-ray exits non-zero while members have failed
+    returncode, out = sweep_killing_one_trial(spec_path, sweep, ray_address)
+    assert returncode == 1, out  # nc-ray exits non-zero while members have failed
     status = sweep_status(str(sweep))
     assert status.counts["failed"] == 4 and status.counts["complete"] == 4
     assert all("Error" in message for message in status.errors.values())
