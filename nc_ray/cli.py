@@ -70,6 +70,8 @@ def _print_status(where: str, status) -> int:
         print(f"  pack {pack_id}: epoch {epoch}/{epochs}")
     for member_id, error in sorted(status.errors.items()):
         print(f"  failed {member_id}: {error}")
+    for path in status.unreadable:
+        print(f"  unreadable (its members count as unfinished; `nc-ray sweep` retrains them): {path}")
     print(f"tables: {where}/tables/{{members,metrics,spectra}}")
     return 1 if counts["failed"] else 0
 

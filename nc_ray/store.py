@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import uuid
@@ -39,6 +40,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from nc_ray.metrics import LAYER_METRICS, PENULTIMATE_METRICS
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TABLES = ("members", "metrics", "spectra")
@@ -170,12 +173,33 @@ class SweepStore:
         )
 
     def read_table(self, name: str, columns: Iterable[str] | None = None) -> pa.Table:
-        """All published files of a table (empty table of the schema when there are none)."""
+        """All readable published files of a table (an empty table of the schema when none).
+
+        Unreadable files (damaged after publication: publishing itself is atomic) are left out
+        with a warning naming each; `unreadable_files` lists them.
+        """
+        columns = list(columns) if columns else SCHEMAS[name].names
         files = [self.path("tables", name, f) for f in self.list_files(f"tables/{name}", ".parquet")]
-        if not files:
-            return SCHEMAS[name].empty_table().select(list(columns) if columns else SCHEMAS[name].names)
-        dataset = ds.dataset(files, schema=SCHEMAS[name], filesystem=self.fs, format="parquet")
-        return dataset.to_table(columns=list(columns) if columns else None)
+        try:
+            return ds.dataset(files, schema=SCHEMAS[name], filesystem=self.fs, format="parquet").to_table(columns=columns)
+        except (pa.ArrowInvalid, OSError):
+            broken = set(self.unreadable_files(name))
+            for path in sorted(broken):
+                logger.warning("skipping unreadable Parquet file %s", path)
+            readable = [f for f in files if f not in broken]
+            return ds.dataset(readable, schema=SCHEMAS[name], filesystem=self.fs, format="parquet").to_table(columns=columns)
+
+    def unreadable_files(self, name: str) -> list[str]:
+        """Paths of a table's published files that do not read as Parquet of its schema."""
+        broken = []
+        for file in self.list_files(f"tables/{name}", ".parquet"):
+            path = self.path("tables", name, file)
+            try:
+                with self.fs.open_input_file(path) as handle:
+                    pq.read_table(handle, schema=SCHEMAS[name])
+            except (pa.ArrowInvalid, OSError):
+                broken.append(path)
+        return broken
 
     def write_pack(self, pack: PackPlan) -> None:
         self.write_bytes(f"packs/{pack.pack_id}.json", pack.to_json().encode())

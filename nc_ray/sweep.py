@@ -341,6 +341,7 @@ class SweepStatus:
     counts: dict[str, int]  # complete, diverged, failed, running, pending
     errors: dict[str, str]  # member_id -> error, for failed members
     running: dict[str, tuple[int, int]]  # pack_id -> (epoch reached, epochs)
+    unreadable: list[str]  # members files that cannot be read (their packs count as unfinished)
 
 
 def sweep_status(sweep: str) -> SweepStatus:
@@ -364,4 +365,4 @@ def sweep_status(sweep: str) -> SweepStatus:
             counts["pending"] += len(open_members)
     for status in statuses.values():
         counts[status] += 1
-    return SweepStatus(counts, errors, running)
+    return SweepStatus(counts, errors, running, store.unreadable_files("members"))

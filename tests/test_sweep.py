@@ -233,3 +233,20 @@ def test_trial_failing_past_max_failures_is_reported_then_resumed(ray_address, t
     assert resume.returncode == 0, out
     assert sweep_status(str(sweep)).counts == {"complete": 8, "diverged": 0, "failed": 0, "running": 0, "pending": 0}
     assert_exactly_once(sweep, spec_path)
+
+
+def test_a_damaged_members_file_is_reported_and_healed_by_the_next_sweep(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke")
+    run_sweep(spec_path, tmp_path, show_progress=False)
+    sweep = tmp_path / "smoke"
+    damaged = sorted((sweep / "tables" / "members").glob("*.parquet"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated after publication
+    status = sweep_status(str(sweep))
+    assert status.unreadable == [str(damaged)]
+    assert status.counts["complete"] == 4 and status.counts["running"] == 4
+    cli = nc_ray_cli("status", str(sweep))
+    out, _ = cli.communicate(timeout=120)
+    assert str(damaged) in out and "4 complete" in out
+    run_sweep(spec_path, tmp_path, show_progress=False)  # retrains that pack only, rewriting its files
+    assert sweep_status(str(sweep)).unreadable == []
+    assert_exactly_once(sweep, spec_path)
