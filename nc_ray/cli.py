@@ -3,6 +3,7 @@
     nc-ray sweep jobs/quickstart.yaml [--storage DIR|URI] [--address ADDR] [--dry-run]
     nc-ray resume SWEEP_DIR [--address ADDR]
     nc-ray status SWEEP_DIR
+    nc-ray doctor SWEEP_DIR [--quarantine]
     nc-ray query SWEEP_DIR ["SELECT ..."] [--sweep DIR ...] [--format table|csv|json|parquet] [--output FILE]
     nc-ray phase SWEEP_DIR [--metric M ...] [--x weight_decay] [--y depth] [--layer N | --layers hidden] [--epoch N|all]
     nc-ray report SWEEP_DIR [--output FILE]
@@ -61,6 +62,20 @@ def _status(args: argparse.Namespace) -> int:
     from nc_ray.sweep import sweep_status
 
     return _print_status(args.sweep_dir, sweep_status(args.sweep_dir))
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from nc_ray.store import TABLES, SweepStore
+
+    store = SweepStore(args.sweep_dir)
+    broken = [path for table in TABLES for path in store.unreadable_files(table)]
+    for path in broken:
+        print(f"unreadable: {path}" + (f" -> moved to {store.quarantine(path)}" if args.quarantine else ""))
+    if not broken:
+        print(f"{store.uri}: every table file reads")
+    elif args.quarantine:
+        print("run `nc-ray sweep` (or `resume`) on this sweep to retrain the packs whose files were moved")
+    return 1 if broken and not args.quarantine else 0
 
 
 def _print_status(where: str, status) -> int:
@@ -236,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="members complete / running / pending / diverged / failed")
     status.add_argument("sweep_dir")
     status.set_defaults(handler=_status)
+
+    doctor = commands.add_parser("doctor", help="list table files that do not read as Parquet; --quarantine moves them aside")
+    doctor.add_argument("sweep_dir")
+    doctor.add_argument("--quarantine", action="store_true", help="move them to <sweep>/quarantine/ so that reads and queries skip them")
+    doctor.set_defaults(handler=_doctor)
 
     query = commands.add_parser("query", help="SQL over the views members, metrics, spectra, planned (read-only)")
     query.add_argument("sweep_dir", help="sweep directory (or a quoted glob matching several)")

@@ -9,6 +9,7 @@ Layout under `<storage>/<name>/` (a local path or a pyarrow filesystem URI such 
     tables/members/<pack_id>.parquet             one row per member
     tables/metrics/<pack_id>-e<epoch>.parquet    one row per member x evaluation epoch x layer
     tables/spectra/<pack_id>-e<epoch>.parquet    one row per member x evaluation epoch x layer
+    quarantine/<table>/<file>                    damaged table files moved aside by `nc-ray doctor`
     tune-<n>/                                    Tune's experiment directories
 
 Every file is immutable once published and its name is a function of what it holds (pack and
@@ -200,6 +201,13 @@ class SweepStore:
             except (pa.ArrowInvalid, OSError):
                 broken.append(path)
         return broken
+
+    def quarantine(self, path: str) -> str:
+        """Move a table file out of `tables/` into `quarantine/` (kept, not read); return where."""
+        target = self.path("quarantine", path[len(self.path("tables")) + 1 :])
+        self.fs.create_dir(target.rpartition("/")[0], recursive=True)
+        self.fs.move(path, target)
+        return target
 
     def write_pack(self, pack: PackPlan) -> None:
         self.write_bytes(f"packs/{pack.pack_id}.json", pack.to_json().encode())

@@ -58,3 +58,19 @@ def test_packs_weights_and_state(store):
 def test_rows_to_table_rejects_wrong_types():
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
         rows_to_table("metrics", [{"member_id": "m", "epoch": "three"}])
+
+
+def test_doctor_lists_and_quarantines_damaged_files(tmp_path, capsys):
+    from nc_ray.cli import main
+
+    store = SweepStore(str(tmp_path))
+    for epoch in (0, 1):
+        store.write_table("metrics", f"p-e{epoch:06d}", [{"member_id": "m", "epoch": epoch, "layer": 1}])
+    damaged = tmp_path / "tables" / "metrics" / "p-e000001.parquet"
+    damaged.write_bytes(b"PAR1 not really")
+    assert main(["doctor", str(tmp_path)]) == 1
+    assert str(damaged) in capsys.readouterr().out
+    assert store.read_table("metrics")["epoch"].to_pylist() == [0]  # the rest still reads
+    assert main(["doctor", str(tmp_path), "--quarantine"]) == 0
+    assert not damaged.exists() and (tmp_path / "quarantine" / "metrics" / "p-e000001.parquet").exists()
+    assert main(["doctor", str(tmp_path)]) == 0
