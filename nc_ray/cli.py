@@ -70,11 +70,11 @@ def _doctor(args: argparse.Namespace) -> int:
     store = SweepStore(args.sweep_dir)
     broken = [path for table in TABLES for path in store.unreadable_files(table)]
     for path in broken:
-        print(f"unreadable: {path}" + (f" -> moved to {store.quarantine(path)}" if args.quarantine else ""))
+        print(f"unreadable: {path}" + (f" -> moved with its pack's members row to {', '.join(store.quarantine(path))}" if args.quarantine else ""))
     if not broken:
         print(f"{store.uri}: every table file reads")
     elif args.quarantine:
-        print("run `nc-ray sweep` (or `resume`) on this sweep to retrain the packs whose files were moved")
+        print(f"run `nc-ray resume {store.uri}` to retrain the packs whose files were moved")
     return 1 if broken and not args.quarantine else 0
 
 

@@ -202,12 +202,22 @@ class SweepStore:
                 broken.append(path)
         return broken
 
-    def quarantine(self, path: str) -> str:
-        """Move a table file out of `tables/` into `quarantine/` (kept, not read); return where."""
-        target = self.path("quarantine", path[len(self.path("tables")) + 1 :])
-        self.fs.create_dir(target.rpartition("/")[0], recursive=True)
-        self.fs.move(path, target)
-        return target
+    def quarantine(self, path: str) -> list[str]:
+        """Move a damaged table file from `tables/` into `quarantine/` (kept, not read).
+
+        The pack's members row goes with it, so that the pack counts as unfinished and the next
+        sweep retrains it, rewriting every file of the pack. Returns where the files went.
+        """
+        pack_id = path.rpartition("/")[2].split("-e")[0].removesuffix(".parquet")
+        members_file = self.path("tables", "members", f"{pack_id}.parquet")
+        moved = []
+        for source in dict.fromkeys([path, members_file]):
+            if self.fs.get_file_info(source).is_file:
+                target = self.path("quarantine", source[len(self.path("tables")) + 1 :])
+                self.fs.create_dir(target.rpartition("/")[0], recursive=True)
+                self.fs.move(source, target)
+                moved.append(target)
+        return moved
 
     def write_pack(self, pack: PackPlan) -> None:
         self.write_bytes(f"packs/{pack.pack_id}.json", pack.to_json().encode())

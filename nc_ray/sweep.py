@@ -290,10 +290,7 @@ def run_sweep(spec_path: str | Path, storage: str | os.PathLike = "runs", addres
             store.write_pack(pack)
         if spec.search.mode == "grid" and not plan.packs:
             return store
-        runs = _tune_runs(store)
-        name = f"tune-{len(runs):03d}"
-        store.write_json("sweep.json", {"name": spec.name, "tune_runs": [*runs, name], "nc_ray_version": nc_ray.__version__})
-        _fit(spec, store, name, plan.packs, restore=False, show_progress=show_progress)
+        _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
     return store
 
 
@@ -306,17 +303,25 @@ def resume_sweep(sweep: str | os.PathLike, address: str | None = None, show_prog
     with SweepLock(store):
         connect(address)
         runs = _tune_runs(store)
-        statuses = store.member_statuses()
-        packs = [store.read_pack(p) for p in store.pack_ids()]
-        unfinished = [p for p in packs if any(statuses.get(r["member_id"]) not in FINISHED for r in p.members)]
         if runs and tune.Tuner.can_restore(f"{store.uri}/{runs[-1]}"):
-            _fit(spec, store, runs[-1], unfinished, restore=True, show_progress=show_progress)
-        elif unfinished or spec.search.mode == "optuna":
-            # The driver died before Tune saved any experiment state: start the same packs afresh.
-            name = f"tune-{len(runs):03d}"
-            store.write_json("sweep.json", {"name": spec.name, "tune_runs": [*runs, name], "nc_ray_version": nc_ray.__version__})
-            _fit(spec, store, name, unfinished, restore=False, show_progress=show_progress)
+            _fit(spec, store, runs[-1], [], restore=True, show_progress=show_progress)
+        elif spec.search.mode == "optuna":
+            _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
+        # Packs with members that have no row yet, which no restorable experiment holds: the
+        # driver died before Tune saved its state, or `nc-ray doctor` quarantined their rows.
+        statuses = store.member_statuses()
+        leftover = [p for p in map(store.read_pack, store.pack_ids()) if any(r["member_id"] not in statuses for r in p.members)]
+        if leftover and spec.search.mode == "grid":
+            _fit(spec, store, _new_tune_run(store, spec), leftover, restore=False, show_progress=show_progress)
     return store
+
+
+def _new_tune_run(store: SweepStore, spec: SweepSpec) -> str:
+    """Record and name the sweep's next Tune experiment."""
+    runs = _tune_runs(store)
+    name = f"tune-{len(runs):03d}"
+    store.write_json("sweep.json", {"name": spec.name, "tune_runs": [*runs, name], "nc_ray_version": nc_ray.__version__})
+    return name
 
 
 def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *, restore: bool, show_progress: bool) -> None:

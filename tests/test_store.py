@@ -66,6 +66,7 @@ def test_doctor_lists_and_quarantines_damaged_files(tmp_path, capsys):
     store = SweepStore(str(tmp_path))
     for epoch in (0, 1):
         store.write_table("metrics", f"p-e{epoch:06d}", [{"member_id": "m", "epoch": epoch, "layer": 1}])
+    store.write_table("members", "p", [{"member_id": "m", "pack_id": "p", "status": "complete"}])
     damaged = tmp_path / "tables" / "metrics" / "p-e000001.parquet"
     damaged.write_bytes(b"PAR1 not really")
     assert main(["doctor", str(tmp_path)]) == 1
@@ -73,4 +74,6 @@ def test_doctor_lists_and_quarantines_damaged_files(tmp_path, capsys):
     assert store.read_table("metrics")["epoch"].to_pylist() == [0]  # the rest still reads
     assert main(["doctor", str(tmp_path), "--quarantine"]) == 0
     assert not damaged.exists() and (tmp_path / "quarantine" / "metrics" / "p-e000001.parquet").exists()
+    assert store.member_statuses() == {}  # the pack counts as unfinished: the next sweep retrains it
+    assert (tmp_path / "quarantine" / "members" / "p.parquet").exists()
     assert main(["doctor", str(tmp_path)]) == 0

@@ -16,7 +16,7 @@ import nc_ray
 from nc_ray.metrics import member_metrics
 from nc_ray.spec import load_spec
 from nc_ray.store import SweepBusyError, SweepLock, SweepStore
-from nc_ray.sweep import run_sweep, sweep_status
+from nc_ray.sweep import resume_sweep, run_sweep, sweep_status
 
 LONG = {"training.epochs": 1500, "metrics.every": 100}  # long enough to be killed mid-run
 
@@ -235,7 +235,7 @@ def test_trial_failing_past_max_failures_is_reported_then_resumed(ray_address, t
     assert_exactly_once(sweep, spec_path)
 
 
-def test_a_damaged_members_file_is_reported_and_healed_by_the_next_sweep(ray_address, tmp_path, job_file):
+def test_a_damaged_members_file_is_reported_and_healed_by_resume(ray_address, tmp_path, job_file):
     spec_path = job_file("smoke")
     run_sweep(spec_path, tmp_path, show_progress=False)
     sweep = tmp_path / "smoke"
@@ -247,6 +247,7 @@ def test_a_damaged_members_file_is_reported_and_healed_by_the_next_sweep(ray_add
     cli = nc_ray_cli("status", str(sweep))
     out, _ = cli.communicate(timeout=120)
     assert str(damaged) in out and "4 complete" in out
-    run_sweep(spec_path, tmp_path, show_progress=False)  # retrains that pack only, rewriting its files
+    resume_sweep(sweep, show_progress=False)  # retrains that pack only, rewriting its files
     assert sweep_status(str(sweep)).unreadable == []
+    assert json.loads((sweep / "sweep.json").read_text())["tune_runs"] == ["tune-000", "tune-001"]
     assert_exactly_once(sweep, spec_path)
