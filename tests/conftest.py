@@ -2,7 +2,6 @@
 by `nc-ray` subprocesses, which join it through --address."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
