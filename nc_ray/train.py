@@ -139,11 +139,11 @@ class PackTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
-            for parameter, saved in zip(self.parameters, state["parameters"]):
+            for parameter, saved in zip(self.parameters, state["parameters"], strict=True):
                 parameter.copy_(saved)
-            for buffer, saved in zip(self.momentum_buffers, state["momentum_buffers"]):
+            for buffer, saved in zip(self.momentum_buffers, state["momentum_buffers"], strict=True):
                 buffer.copy_(saved)
-        for generator, saved in zip(self.generators, state["generators"]):
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
             generator.set_state(saved)
         self.active = state["active"].to(self.device)
         self.diverged_epoch = state["diverged_epoch"].to(self.device)
