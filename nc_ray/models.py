@@ -11,7 +11,6 @@ Layer l multiplies its input: h_l = W_l z_{l-1} (+ b_l).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -184,16 +183,25 @@ class PackedNetwork(nn.Module):
         super().__init__()
         if len(seeds) < 1:
             raise ValueError("a pack needs at least one member (seeds is empty)")
-        self.spec = spec
         initial = [initial_weights(spec, seed) for seed in seeds]
-        self.weights = nn.ParameterList(
-            nn.Parameter(torch.stack([w[layer] for w, _ in initial])) for layer in range(spec.depth)
+        self._hold(
+            spec,
+            [torch.stack([w[layer] for w, _ in initial]) for layer in range(spec.depth)],
+            [torch.stack([b[layer] for _, b in initial]) for layer in range(spec.depth)] if spec.bias else None,
         )
-        self.biases = (
-            nn.ParameterList(nn.Parameter(torch.stack([b[layer] for _, b in initial])) for layer in range(spec.depth))
-            if spec.bias
-            else None
-        )
+
+    def _hold(self, spec: Architecture, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None) -> None:
+        self.spec = spec
+        self.weights = nn.ParameterList(nn.Parameter(w) for w in weights)
+        self.biases = nn.ParameterList(nn.Parameter(b) for b in biases) if biases is not None else None
+
+    @classmethod
+    def from_tensors(cls, spec: Architecture, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None) -> PackedNetwork:
+        """A pack whose parameters are these stacked tensors (G, out, in) and (G, out), not copied."""
+        pack = cls.__new__(cls)
+        nn.Module.__init__(pack)
+        pack._hold(spec, weights, biases)
+        return pack
 
     @property
     def size(self) -> int:
@@ -221,23 +229,19 @@ class PackedNetwork(nn.Module):
 
     def select(self, indices: Sequence[int]) -> PackedNetwork:
         """A new pack holding copies of the members at `indices`, in that order."""
-        pack = copy.deepcopy(self)
-        with torch.no_grad():
-            for parameters in (pack.weights, pack.biases or []):
-                for parameter in parameters:
-                    parameter.data = parameter.data[list(indices)].clone()
-        return pack
+        index = list(indices)  # indexing with a list copies
+        return PackedNetwork.from_tensors(
+            self.spec, [w.detach()[index] for w in self.weights], [b.detach()[index] for b in self.biases] if self.biases is not None else None
+        )
 
     @classmethod
     def from_members(cls, members: Sequence[Network]) -> PackedNetwork:
-        """Stack single-member networks of one architecture into a pack."""
+        """Stack single-member networks of one architecture into a pack (copies, same dtype and device)."""
         spec = members[0].spec
         if any(m.spec != spec for m in members):
             raise ValueError("all members of a pack must share one architecture")
-        pack = cls(spec, seeds=[0] * len(members)).to(members[0].layers[0].weight.dtype)
-        with torch.no_grad():
-            for layer in range(spec.depth):
-                pack.weights[layer].copy_(torch.stack([m.layers[layer].weight for m in members]))
-                if pack.biases is not None:
-                    pack.biases[layer].copy_(torch.stack([m.layers[layer].bias for m in members]))
-        return pack
+
+        def stacked(name: str) -> list[torch.Tensor]:
+            return [torch.stack([getattr(m.layers[layer], name).detach() for m in members]) for layer in range(spec.depth)]
+
+        return cls.from_tensors(spec, stacked("weight"), stacked("bias") if spec.bias else None)

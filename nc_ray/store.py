@@ -177,21 +177,25 @@ class SweepStore:
         """All readable published files of a table (an empty table of the schema when none).
 
         Unreadable files (damaged after publication: publishing itself is atomic) are left out
-        with a warning naming each; `unreadable_files` lists them.
+        with a warning naming each; `read_table_checked` also returns them.
         """
+        return self.read_table_checked(name, columns)[0]
+
+    def read_table_checked(self, name: str, columns: Iterable[str] | None = None) -> tuple[pa.Table, list[str]]:
+        """`read_table`, and the paths of the files it had to leave out."""
         columns = list(columns) if columns else SCHEMAS[name].names
         files = [self.path("tables", name, f) for f in self.list_files(f"tables/{name}", ".parquet")]
         try:
-            return ds.dataset(files, schema=SCHEMAS[name], filesystem=self.fs, format="parquet").to_table(columns=columns)
+            return ds.dataset(files, schema=SCHEMAS[name], filesystem=self.fs, format="parquet").to_table(columns=columns), []
         except (pa.ArrowInvalid, OSError):
-            broken = set(self.unreadable_files(name))
-            for path in sorted(broken):
+            broken = self.unreadable_files(name)
+            for path in broken:
                 logger.warning("skipping unreadable Parquet file %s", path)
             readable = [f for f in files if f not in broken]
-            return ds.dataset(readable, schema=SCHEMAS[name], filesystem=self.fs, format="parquet").to_table(columns=columns)
+            return ds.dataset(readable, schema=SCHEMAS[name], filesystem=self.fs, format="parquet").to_table(columns=columns), broken
 
     def unreadable_files(self, name: str) -> list[str]:
-        """Paths of a table's published files that do not read as Parquet of its schema."""
+        """Paths of a table's published files that do not read as Parquet of its schema (reads them all)."""
         broken = []
         for file in self.list_files(f"tables/{name}", ".parquet"):
             path = self.path("tables", name, file)

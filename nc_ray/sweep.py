@@ -352,7 +352,7 @@ class SweepStatus:
 def sweep_status(sweep: str) -> SweepStatus:
     """Members by state, from the members table, the pack definitions and progress markers."""
     store = SweepStore(sweep)
-    table = store.read_table("members", ["member_id", "status", "error"])
+    table, unreadable = store.read_table_checked("members", ["member_id", "status", "error"])
     statuses = dict(zip(table["member_id"].to_pylist(), table["status"].to_pylist()))
     errors = {m: e for m, s, e in zip(table["member_id"].to_pylist(), table["status"].to_pylist(), table["error"].to_pylist()) if s == "failed"}
     counts = {state: 0 for state in ("complete", "diverged", "failed", "running", "pending")}
@@ -370,4 +370,4 @@ def sweep_status(sweep: str) -> SweepStatus:
             counts["pending"] += len(open_members)
     for status in statuses.values():
         counts[status] += 1
-    return SweepStatus(counts, errors, running, store.unreadable_files("members"))
+    return SweepStatus(counts, errors, running, unreadable)

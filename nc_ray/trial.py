@@ -1,9 +1,9 @@
 """One pack from start to finish: load data, train, evaluate on cadence, write rows and weights.
 
-`run_pack` knows nothing of Ray: Tune's trainable (in `nc_ray.sweep`) wraps it with a checkpoint
-callback, and benchmarks call it directly. Rows of evaluation epoch e are published before the
-checkpoint of epoch e is handed over, so a retry from any checkpoint rewrites, under the same
-names, exactly the files a crashed attempt may have left.
+`run_pack` knows nothing of Ray: Tune's trainable (in `nc_ray.sweep`) wraps it with a callback
+that saves the run's state, and benchmarks call it directly. Rows of evaluation epoch e are
+published before the state of epoch e is handed over, so a restart from any saved state
+rewrites, under the same names, exactly the files a crashed attempt may have left.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def load_member(sweep: str, member_id: str) -> tuple[Network, MemberData]:
     config = table.slice(0, 1).to_pylist()[0]
     data = member_data(config)
     spec = architecture(config, data)
-    model = build_model(spec.arch, spec.in_dim, spec.width, spec.depth, spec.n_classes, spec.activation, spec.bias)
+    model = build_model(**vars(spec))
     tensors = store.read_weights(config["pack_id"])
     with torch.no_grad():
         for layer, module in enumerate(model.layers, start=1):
