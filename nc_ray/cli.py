@@ -25,9 +25,9 @@ from nc_ray.store import SweepBusyError
 def _sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated before Ray starts or anything is written
     if args.dry_run:
-        from nc_ray.sweep import plan_sweep
+        from nc_ray.sweep import plan_sweep, sweep_store
 
-        plan = plan_sweep(spec, args.storage)
+        plan = plan_sweep(spec, sweep_store(args.storage, spec.name))
         print(f"sweep {spec.name} -> {plan.store.uri}")
         if spec.search.mode == "optuna":
             grid = spec.resolved()["grid"]

@@ -20,11 +20,13 @@ reader never sees a half-written file (`*.parquet` globs skip the `.tmp` names).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
 import os
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -124,14 +126,42 @@ class PackPlan:
         return cls(pack_id=data["pack_id"], members=data["members"])
 
 
-class SweepStore:
-    """Reads and writes one sweep directory through a pyarrow filesystem."""
+def check_storage_uri(uri: str) -> None:
+    """Refuse a storage URI that carries credentials (`s3://key:secret@bucket/...`).
 
-    def __init__(self, uri: str):
-        if "://" not in uri:
-            uri = os.path.abspath(os.path.expanduser(uri))
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+    The URI is recorded in Tune's experiment state, in logs and in error messages; credentials
+    belong in the environment or an instance role, where pyarrow's filesystems find them.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        shown = f"{parts.scheme}://***@{parts.hostname or ''}{parts.path}"
+        raise ValueError(
+            f"storage URI {shown}: credentials in the URI would be written into Tune's experiment state and logs; "
+            "give them through the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or an instance role"
+        )
+
+
+class SweepStore:
+    """Reads and writes one sweep directory through a pyarrow filesystem.
+
+    `uri` is a local path or a filesystem URI; with `filesystem` (e.g. an `S3FileSystem` built
+    with an endpoint), `uri` is a path inside that filesystem. The store pickles with its
+    filesystem, so Ray workers write through the same one.
+    """
+
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None):
+        if filesystem is None:
+            if "://" not in uri:
+                uri = os.path.abspath(os.path.expanduser(uri))
+            check_storage_uri(uri)
+            self.uri = uri.rstrip("/")
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            except pa.ArrowInvalid as error:
+                raise ValueError(f"storage {uri}: {error}") from None
+        else:
+            self.uri = self.root = uri.rstrip("/")
+            self.fs = filesystem
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
@@ -144,11 +174,17 @@ class SweepStore:
         """Publish a file atomically: write a hidden temporary name, then rename over the target."""
         target = self.path(relative)
         directory, _, name = target.rpartition("/")
-        self.fs.create_dir(directory, recursive=True)
         temporary = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(temporary) as stream:
-            stream.write(data)
-        self.fs.move(temporary, target)
+        try:
+            self.fs.create_dir(directory, recursive=True)
+            with self.fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            self.fs.move(temporary, target)
+        except OSError as error:
+            # Disk full, read-only or gone: the target is untouched; drop the partial temporary.
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(temporary)
+            raise OSError(f"cannot write {target}: {error}") from error
 
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as stream:

@@ -3,8 +3,8 @@
 A sweep directory is owned by one driver at a time (a lock file). `run_sweep` trains every
 member of the spec that the members table does not list as finished: unfinished packs of earlier
 runs keep their composition (so their files are rewritten, never duplicated), new members are
-grouped into new packs. Each run is a new Tune experiment `tune-<n>`; `resume_sweep` restores
-the latest one: unfinished and errored trials continue from their packs' saved training state.
+grouped into new packs. Each run is a new Tune experiment `tune-<n>`, and so is each
+`resume_sweep` of a grid sweep: its unfinished packs continue from their saved training state.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
@@ -28,6 +29,8 @@ import nc_ray
 from nc_ray.spec import MemberConfig, SweepSpec, load_spec, parse_spec
 from nc_ray.store import PackPlan, SweepLock, SweepStore, member_record
 from nc_ray.trial import run_pack
+
+logger = logging.getLogger(__name__)
 
 MAX_AUTO_PACK_SIZE = 64
 FINISHED = ("complete", "diverged")
@@ -90,14 +93,16 @@ def plan_packs(
     return packs
 
 
-def sweep_uri(storage: str | os.PathLike, name: str) -> str:
+def sweep_store(storage: str | os.PathLike, name: str, filesystem: pafs.FileSystem | None = None) -> SweepStore:
+    """The store of sweep `name` under `storage` (a local path or URI, or a path in `filesystem`)."""
     storage = os.fspath(storage)
-    base = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
-    return f"{base.rstrip('/')}/{name}"
+    if filesystem is None and "://" not in storage:
+        storage = os.path.abspath(os.path.expanduser(storage))
+    return SweepStore(f"{storage.rstrip('/')}/{name}", filesystem)
 
 
-def plan_sweep(spec: SweepSpec, storage: str | os.PathLike, cluster: dict[str, float] | None = None) -> SweepPlan:
-    store = SweepStore(sweep_uri(storage, spec.name))
+def plan_sweep(spec: SweepSpec, store: SweepStore, cluster: dict[str, float] | None = None) -> SweepPlan:
+    """The packs that train every member of `spec` the sweep in `store` has not finished."""
     members = spec.members() if spec.search.mode == "grid" else []  # optuna packs are made per trial
     statuses = store.member_statuses()
     existing = [store.read_pack(pack_id) for pack_id in store.pack_ids()]
@@ -124,7 +129,7 @@ def cluster_resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
-def _tune_trainable(config: dict, *, sweep: str, threads: int, objective: dict | None = None) -> None:
+def _tune_trainable(config: dict, *, store: SweepStore, threads: int, objective: dict | None = None) -> None:
     """A Tune trial: train one pack, continuing from its saved state if it has one.
 
     The pack's state lives in the sweep directory (`state/<pack_id>.pt`, replaced atomically at
@@ -134,7 +139,6 @@ def _tune_trainable(config: dict, *, sweep: str, threads: int, objective: dict |
     or a resume, finds its state here instead, and rows already published are rewritten as is.
     """
     torch.set_num_threads(threads)
-    store = SweepStore(sweep)
     pack = store.read_pack(config["pack_id"]) if "pack_id" in config else _optuna_pack(store, config)
 
     def on_checkpoint(run_state: dict, summary: dict, metric_rows: list[dict]) -> None:
@@ -183,16 +187,16 @@ class MemberProgress(tune.Callback):
     """Members finished, their rate and an ETA; cheap, since callbacks run in the driver's loop.
 
     Tune pickles its callbacks with the experiment, and `Tuner.restore` brings this one back:
-    it holds only the sweep's address and counts members from the sweep directory at setup.
+    it holds only the sweep's store and counts members from the sweep directory at setup.
     """
 
-    def __init__(self, sweep: str, members_per_trial: int):
-        self.sweep = sweep
+    def __init__(self, store: SweepStore, members_per_trial: int):
+        self.store = store
         self.members_per_trial = members_per_trial
         self.bar = None
 
     def setup(self, **info) -> None:
-        store = SweepStore(self.sweep)
+        store = self.store
         statuses = store.member_statuses()
         self.sizes = {p: len(store.read_pack(p).members) for p in store.pack_ids()}
         finished = sum(1 for s in statuses.values() if s in FINISHED)
@@ -202,8 +206,7 @@ class MemberProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if self.bar is not None:
             size = self.sizes.get(trial.config.get("pack_id"), self.members_per_trial)
-            if self.bar.n + size > self.bar.total:  # optuna trials define their packs as they start
-                self.bar.total = self.bar.n + size
+            self.bar.total = max(self.bar.total, self.bar.n + size)  # optuna trials define their packs as they start
             self.bar.update(size)
 
     def on_experiment_end(self, trials, **info) -> None:
@@ -211,13 +214,13 @@ class MemberProgress(tune.Callback):
             self.bar.close()
 
     def __getstate__(self) -> dict:
-        return {"sweep": self.sweep, "members_per_trial": self.members_per_trial, "bar": None}
+        return {"store": self.store, "members_per_trial": self.members_per_trial, "bar": None}
 
 
 def _trainable_for(plan_spec: SweepSpec, store: SweepStore):
     objective = plan_spec.search.objective.model_dump() if plan_spec.search.mode == "optuna" else None
     trainable = tune.with_parameters(
-        _tune_trainable, sweep=store.uri, threads=max(1, int(plan_spec.resources.cpu)), objective=objective
+        _tune_trainable, store=store, threads=max(1, int(plan_spec.resources.cpu)), objective=objective
     )
     return tune.with_resources(trainable, {"cpu": plan_spec.resources.cpu, "gpu": plan_spec.resources.gpu})
 
@@ -225,7 +228,8 @@ def _trainable_for(plan_spec: SweepSpec, store: SweepStore):
 def _run_config(spec: SweepSpec, store: SweepStore, name: str, callbacks: list):
     return tune.RunConfig(
         name=name,
-        storage_path=store.uri,
+        storage_path=store.root,
+        storage_filesystem=store.fs,
         failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
         callbacks=callbacks,
         verbose=0,
@@ -272,48 +276,69 @@ def _record_failures(store: SweepStore, results) -> int:
         if all(statuses.get(r["member_id"]) in FINISHED for r in pack.members):
             continue
         message = f"{type(result.error).__name__}: {result.error}"[:2000]
-        store.write_table("members", pack.pack_id, [{**r, "pack_id": pack.pack_id, "status": "failed", "error": message, "nc_ray_version": nc_ray.__version__} for r in pack.members])
+        rows = [{**r, "pack_id": pack.pack_id, "status": "failed", "error": message, "nc_ray_version": nc_ray.__version__} for r in pack.members]
+        try:
+            store.write_table("members", pack.pack_id, rows)
+        except OSError as error:  # the storage that failed the trial may fail this write too
+            logger.error("pack %s failed (%s); its failure could not be recorded: %s", pack.pack_id, message, error)
         failed += len(pack.members)
     return failed
 
 
-def run_sweep(spec_path: str | Path, storage: str | os.PathLike = "runs", address: str | None = None, show_progress: bool = True) -> SweepStore:
+def run_sweep(
+    spec_path: str | Path,
+    storage: str | os.PathLike = "runs",
+    address: str | None = None,
+    show_progress: bool = True,
+    filesystem: pafs.FileSystem | None = None,
+) -> SweepStore:
     """Train every member of the spec not yet finished in `<storage>/<name>`; return the sweep's store."""
     spec = load_spec(spec_path)
-    store = SweepStore(sweep_uri(storage, spec.name))
+    store = sweep_store(storage, spec.name, filesystem)
     with SweepLock(store):
         connect(address)
-        plan = plan_sweep(spec, storage, cluster_resources())
         store.write_bytes("spec.yaml", Path(spec_path).read_bytes())
         store.write_json("resolved_spec.json", spec.resolved())
-        for pack in plan.packs:
-            store.write_pack(pack)
-        if spec.search.mode == "grid" and not plan.packs:
-            return store
-        _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
+        _train_unfinished(spec, store, show_progress)
     return store
 
 
-def resume_sweep(sweep: str | os.PathLike, address: str | None = None, show_progress: bool = True) -> SweepStore:
-    """Continue an interrupted sweep from its directory alone."""
-    store = SweepStore(os.fspath(sweep))
+def resume_sweep(
+    sweep: str | os.PathLike,
+    address: str | None = None,
+    show_progress: bool = True,
+    filesystem: pafs.FileSystem | None = None,
+) -> SweepStore:
+    """Finish an interrupted sweep from its directory alone.
+
+    A grid sweep starts a new Tune experiment over its unfinished packs, which continue from
+    their saved training state: nothing of Tune's own state is needed, so a driver killed at any
+    point (even while Tune wrote its experiment state) can be resumed. An optuna sweep restores
+    its latest experiment, whose searcher holds the study's pending trials.
+    """
+    store = SweepStore(os.fspath(sweep), filesystem)
     if not store.exists("resolved_spec.json"):
         raise FileNotFoundError(f"{store.uri}: not a sweep directory (no resolved_spec.json)")
     spec = parse_spec(store.read_json("resolved_spec.json"), source=store.path("resolved_spec.json"))
     with SweepLock(store):
         connect(address)
-        runs = _tune_runs(store)
-        if runs and tune.Tuner.can_restore(f"{store.uri}/{runs[-1]}"):
-            _fit(spec, store, runs[-1], [], restore=True, show_progress=show_progress)
-        elif spec.search.mode == "optuna":
-            _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
-        # Packs with members that have no row yet, which no restorable experiment holds: the
-        # driver died before Tune saved its state, or `nc-ray doctor` quarantined their rows.
-        statuses = store.member_statuses()
-        leftover = [p for p in map(store.read_pack, store.pack_ids()) if any(r["member_id"] not in statuses for r in p.members)]
-        if leftover and spec.search.mode == "grid":
-            _fit(spec, store, _new_tune_run(store, spec), leftover, restore=False, show_progress=show_progress)
+        if spec.search.mode == "grid":
+            _train_unfinished(spec, store, show_progress)
+        else:
+            runs = _tune_runs(store)
+            restore = bool(runs) and tune.Tuner.can_restore(store.path(runs[-1]), storage_filesystem=store.fs)
+            _fit(spec, store, runs[-1] if restore else _new_tune_run(store, spec), [], restore=restore, show_progress=show_progress)
     return store
+
+
+def _train_unfinished(spec: SweepSpec, store: SweepStore, show_progress: bool) -> None:
+    """Plan the unfinished members into packs and run them as a new Tune experiment."""
+    plan = plan_sweep(spec, store, cluster_resources())
+    for pack in plan.packs:
+        store.write_pack(pack)
+    if spec.search.mode == "grid" and not plan.packs:
+        return
+    _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
 
 
 def _new_tune_run(store: SweepStore, spec: SweepSpec) -> str:
@@ -330,10 +355,10 @@ def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     seeds = len(spec.resolved()["grid"].get("seed", [spec.training.seed]))
-    callbacks = [MemberProgress(store.uri, seeds)] if show_progress else []
+    callbacks = [MemberProgress(store, seeds)] if show_progress else []
     trainable = _trainable_for(spec, store)
     if restore:
-        tuner = tune.Tuner.restore(f"{store.uri}/{name}", trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(store.path(name), trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=store.fs)
     else:
         param_space = {"pack_id": tune.grid_search([p.pack_id for p in packs])} if spec.search.mode == "grid" else {}
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(spec, store), run_config=_run_config(spec, store, name, callbacks))
@@ -349,9 +374,9 @@ class SweepStatus:
     unreadable: list[str]  # members files that cannot be read (their packs count as unfinished)
 
 
-def sweep_status(sweep: str) -> SweepStatus:
+def sweep_status(sweep: str | SweepStore) -> SweepStatus:
     """Members by state, from the members table, the pack definitions and progress markers."""
-    store = SweepStore(sweep)
+    store = sweep if isinstance(sweep, SweepStore) else SweepStore(sweep)
     table, unreadable = store.read_table_checked("members", ["member_id", "status", "error"])
     statuses = dict(zip(table["member_id"].to_pylist(), table["status"].to_pylist()))
     errors = {m: e for m, s, e in zip(table["member_id"].to_pylist(), table["status"].to_pylist(), table["error"].to_pylist()) if s == "failed"}
