@@ -18,28 +18,43 @@ Contract of a session:
   refused before they reach the database), and DuckDB's external access is off except for reads
   inside the sweep directories, with the configuration locked: nothing can be written or deleted
   under a sweep, and no file outside the sweeps can be read.
-- Any error of the database, or a refused statement, raises `QueryError` carrying DuckDB's message
-  (for unreadable Parquet files DuckDB's message names the file).
+- A table file that does not read as Parquet (truncated, garbage) is left out of its view for the
+  rest of the session, with a logged warning naming its path and its path in `Sweep.skipped`, and
+  the statement runs over the other files. Files are not checked up front: a file is skipped when
+  a DuckDB error names it, at the session's opening or at any later query; a damaged file that
+  DuckDB's message does not name (e.g. a corrupt page behind an intact footer) fails the query.
+- Any other error of the database, or a refused statement, raises `QueryError` carrying DuckDB's
+  message.
 - Views are defined when the session opens: a table that had no file then stays empty for the
-  session; tables that had files see files published later (the globs are re-read per query).
+  session; tables that had files see files published later (the globs are re-read per query; a
+  view with skipped files lists its files again before each statement).
 - Local directories only (the views read through DuckDB's local filesystem).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from nc_ray.store import CONFIG_COLUMNS, SCHEMAS, TABLES
 
+logger = logging.getLogger(__name__)
+
 VIEWS = (*TABLES, "planned")
 _PLANNED_SCHEMA = pa.schema([SCHEMAS["members"].field(name) for name in ("member_id", "pack_id", *(n for n, _ in CONFIG_COLUMNS))])
+# DuckDB quotes the file it failed on in its message, with ' or " depending on the error.
+_QUOTED_PARQUET_PATH = re.compile(r"""['"]([^'"]+\.parquet)['"]""")
+Result = TypeVar("Result")
 
 
 class QueryError(Exception):
@@ -53,6 +68,16 @@ def quote_identifier(name: str) -> str:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _reads_as_parquet(path: Path) -> bool:
+    # Reads the data too: a file can have an intact footer and damaged pages.
+    try:
+        with pq.ParquetFile(path) as file:
+            file.read()
+    except (pa.ArrowInvalid, OSError):
+        return False
+    return True
 
 
 def expand_sweep_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -85,9 +110,15 @@ class Sweep:
     def __init__(self, directories: Sequence[Path]):
         self.directories = list(directories)
         self.names = sweep_names(self.directories)
+        self._skipped: dict[str, set[str]] = {table: set() for table in TABLES}
+        self._definitions: dict[str, str] = {}  # view -> the CREATE VIEW statement that defines it now
         self._con = duckdb.connect(":memory:")
         for view in VIEWS:
-            self._create_view(view)
+            schema = _PLANNED_SCHEMA if view == "planned" else SCHEMAS[view]
+            empty = pa.schema([pa.field("sweep", pa.string()), *schema]).empty_table()
+            self._con.register(f"_empty_{view}", empty)  # fixes the columns and their order
+        for view in VIEWS:
+            self._run(functools.partial(self._define_view, view))
         allowed = ", ".join(_literal(str(d) + os.sep) for d in self.directories)
         for setting in (
             f"SET allowed_directories = [{allowed}]", "SET enable_external_access = false",
@@ -96,30 +127,71 @@ class Sweep:
         ):
             self._con.execute(setting)
 
-    def _create_view(self, view: str) -> None:
-        schema = _PLANNED_SCHEMA if view == "planned" else SCHEMAS[view]
-        empty = pa.schema([pa.field("sweep", pa.string()), *schema]).empty_table()
-        self._con.register(f"_empty_{view}", empty)  # fixes the columns and their order
+    @property
+    def skipped(self) -> list[str]:
+        """Paths of the table files left out of the views so far because they do not read as Parquet (sorted)."""
+        return sorted(set().union(*self._skipped.values()))
+
+    def _parquet_source(self, directory: Path, table: str) -> str | None:
+        """`read_parquet`'s files for one sweep's table: its glob, or the list of its files but the
+        skipped ones when it has some; None when it has no (readable) file."""
+        files = glob.glob(os.path.join(glob.escape(str(directory)), "tables", table, "**", "*.parquet"), recursive=True)
+        readable = [f for f in files if os.path.normpath(f) not in self._skipped[table]]
+        if not readable:
+            return None
+        if len(readable) == len(files):
+            return _literal(f"{directory}/tables/{table}/**/*.parquet")
+        return "[" + ", ".join(map(_literal, readable)) + "]"
+
+    def _define_view(self, view: str) -> None:
+        """(Re)define a view over the current files of its table; a no-op when the definition is unchanged."""
         parts = [f"FROM _empty_{view}"]
         for directory, name in zip(self.directories, self.names):
             if view == "planned":
                 if glob.glob(os.path.join(glob.escape(str(directory)), "packs", "*.json")):
                     source = _literal(f"{directory}/packs/*.json")
                     parts.append(f"SELECT {_literal(name)} AS sweep, unnest(members, recursive := true) FROM read_json({source})")
-            elif glob.glob(os.path.join(glob.escape(str(directory)), "tables", view, "**", "*.parquet"), recursive=True):
-                source = _literal(f"{directory}/tables/{view}/**/*.parquet")
+            elif source := self._parquet_source(directory, view):
                 parts.append(
                     f"SELECT {_literal(name)} AS sweep, * FROM read_parquet({source}, union_by_name = true, hive_partitioning = true)"
                 )
-        try:
-            self._con.execute(f"CREATE VIEW {view} AS " + " UNION ALL BY NAME ".join(parts))
-        except duckdb.Error as error:  # e.g. unreadable files, or hive partition depths that differ
-            raise QueryError(f"cannot read the {view} table: {error}") from None
+        definition = f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(parts)
+        if definition != self._definitions.get(view):
+            self._con.execute(definition)
+            self._definitions[view] = definition
+
+    def _unreadable_file_named(self, message: str) -> tuple[str, str] | None:
+        """(table, path) of a table file that `message` quotes, not yet skipped, that does not read as Parquet."""
+        for quoted in _QUOTED_PARQUET_PATH.findall(message):
+            path = Path(os.path.normpath(quoted))
+            for directory in self.directories:
+                if path.is_relative_to(directory / "tables"):
+                    table = path.relative_to(directory / "tables").parts[0]
+                    # Messages quote readable files too (and a query can raise any message with error()).
+                    if table in self._skipped and str(path) not in self._skipped[table] and not _reads_as_parquet(path):
+                        return table, str(path)
+        return None
+
+    def _run(self, statement: Callable[[], Result]) -> Result:
+        """`statement()`, retried without each unreadable table file that a DuckDB error names (see
+        module doc); any other database error raises QueryError."""
+        while True:
+            try:
+                for table, skipped in self._skipped.items():
+                    if skipped:  # an explicit file list: re-listed, as DuckDB re-reads a glob
+                        self._define_view(table)
+                return statement()
+            except duckdb.Error as error:
+                unreadable = self._unreadable_file_named(str(error))
+                if unreadable is None:
+                    raise QueryError(str(error)) from None
+                table, path = unreadable
+                logger.warning("skipping unreadable Parquet file %s", path)
+                self._skipped[table].add(path)
 
     # ------------------------------------------------------------------------------- queries
 
-    def _relation(self, query: str, params: Sequence[Any] | None) -> duckdb.DuckDBPyRelation:
-        # Private: a relation has writers (to_parquet, insert, ...) that must not reach callers.
+    def _check_read_only(self, query: str) -> None:
         try:
             statements = self._con.extract_statements(query)
         except duckdb.Error as error:
@@ -129,18 +201,13 @@ class Sweep:
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
             raise QueryError(f"sweep queries are read-only: only SELECT statements run, not {kind.name}")
-        try:
-            return self._con.sql(query, params=list(params) if params is not None else None)
-        except duckdb.Error as error:
-            raise QueryError(str(error)) from None
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run one SELECT statement (optional `?` parameters) and return its result as Arrow."""
-        relation = self._relation(query, params)
-        try:
-            return relation.to_arrow_table()
-        except duckdb.Error as error:
-            raise QueryError(str(error)) from None
+        self._check_read_only(query)
+        arguments = list(params) if params is not None else None
+        # The relation stays inside: it has writers (to_parquet, insert, ...) that must not reach callers.
+        return self._run(lambda: self._con.sql(query, params=arguments).to_arrow_table())
 
     def df(self, query: str, params: Sequence[Any] | None = None):
         """`sql` as a pandas DataFrame."""

@@ -5,6 +5,7 @@ sweep with known values straight through `SweepStore`, no training and no Ray.""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -184,14 +185,61 @@ def test_sessions_are_read_only(sweep_dir, tmp_path):
     assert _files(sweep_dir) == before
 
 
-def test_a_corrupt_parquet_file_is_named_in_the_error(tmp_path, capsys):
+def _keys(table: pa.Table) -> list[tuple]:
+    return sorted(zip(*(table[c].to_pylist() for c in ("member_id", "epoch", "layer"))))
+
+
+def test_corrupt_parquet_files_are_skipped_by_name_and_the_rest_is_queried(tmp_path, caplog, capsys):
     root = build_sweep(tmp_path / "broken")
-    bad = root / "tables/metrics/zz-bad.parquet"
-    bad.write_bytes(b"PAR1 not really parquet")
-    with pytest.raises(QueryError, match="zz-bad.parquet"):
-        open_sweep(root)
-    assert main(["query", str(root), "SELECT 1"]) == 2
-    assert "zz-bad.parquet" in capsys.readouterr().err
+    metrics = root / "tables/metrics"
+    truncated, kept = metrics / "p0-e000010.parquet", metrics / "p0-e000000.parquet"
+    expected = pq.read_table(metrics).num_rows - pq.read_table(truncated).num_rows
+    kept_keys = _keys(pq.read_table(kept))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    garbage = metrics / "zz-garbage.parquet"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    damaged = sorted(str(p) for p in (truncated, garbage))
+    with caplog.at_level(logging.WARNING, logger="nc_ray.query"), open_sweep(root) as sweep:
+        assert sweep.sql("SELECT count(*) AS n FROM metrics")["n"][0].as_py() == expected
+        assert _keys(sweep.metrics()) == kept_keys
+        assert sweep.skipped == damaged
+        assert sweep.members().num_rows == 20 and sweep.spectra().num_rows > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"skipping unreadable Parquet file {path}" for path in damaged]
+    assert main(["query", str(root), "SELECT count(*) FROM metrics"]) == 0
+    assert str(expected) in capsys.readouterr().out
+
+
+def test_a_file_damaged_after_the_session_opened_is_skipped_at_the_next_query(tmp_path):
+    root = build_sweep(tmp_path / "later")
+    spectra = root / "tables/spectra/p0-e000000.parquet"
+    with open_sweep(root) as sweep:
+        before = sweep.sql("SELECT count(*) AS n FROM spectra")["n"][0].as_py()
+        assert sweep.skipped == []
+        lost = pq.read_table(spectra).num_rows
+        spectra.write_bytes(spectra.read_bytes()[:100])
+        assert sweep.sql("SELECT count(*) AS n FROM spectra")["n"][0].as_py() == before - lost
+        assert sweep.skipped == [str(spectra)]
+        assert sweep.columns("spectra") == ["sweep", *SCHEMAS["spectra"].names]
+
+
+def test_the_members_view_goes_on_without_a_damaged_members_file(tmp_path):
+    root = build_sweep(tmp_path / "members")
+    members = root / "tables/members"
+    shutil.copy(members / "p0.parquet", members / "p1.parquet")
+    (members / "p0.parquet").write_bytes(b"PAR1 not really parquet")
+    with open_sweep(root) as sweep:
+        assert sweep.members(status="complete").num_rows == 18
+        assert sweep.skipped == [str(members / "p0.parquet")]
+        assert sweep.sql("SELECT count(*) AS n FROM metrics")["n"][0].as_py() == pq.read_table(root / "tables/metrics").num_rows
+
+
+def test_only_files_that_do_not_read_are_skipped(sweep_dir):
+    readable = sweep_dir / "tables/metrics/p0-e000000.parquet"
+    with open_sweep(sweep_dir) as sweep:
+        with pytest.raises(QueryError, match="No magic bytes"):
+            sweep.sql("SELECT error(?)", [f"No magic bytes found at end of file '{readable}'"])
+        assert sweep.skipped == []
 
 
 def test_cli_query_prints_a_table_and_writes_machine_formats(sweep_dir, tmp_path, capsys):
