@@ -3,9 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -17,55 +14,14 @@ from nc_ray.metrics import member_metrics
 from nc_ray.spec import load_spec
 from nc_ray.store import SweepBusyError, SweepLock, SweepStore
 from nc_ray.sweep import resume_sweep, run_sweep, sweep_status
-
-LONG = {"training.epochs": 1500, "metrics.every": 100}  # long enough to be killed mid-run
-
-
-def expected_keys(spec_path) -> set[tuple[str, int, int]]:
-    return {
-        (m.member_id, epoch, layer)
-        for m in load_spec(spec_path).members()
-        for epoch in m.evaluation_epochs()
-        for layer in range(1, m.depth + 1)
-    }
-
-
-def table_keys(sweep: Path, table: str) -> list[tuple[str, int, int]]:
-    rows = duckdb.connect().execute(
-        f"SELECT member_id, epoch, layer FROM read_parquet('{sweep}/tables/{table}/*.parquet')"
-    ).fetchall()
-    return [tuple(r) for r in rows]
-
-
-def assert_exactly_once(sweep: Path, spec_path) -> None:
-    expected = expected_keys(spec_path)
-    for table in ("metrics", "spectra"):
-        keys = table_keys(sweep, table)
-        assert len(keys) == len(set(keys)), f"duplicated rows in {table}"
-        assert set(keys) == expected, f"{table}: missing {len(expected - set(keys))}, extra {len(set(keys) - expected)}"
-    statuses = duckdb.connect().execute(
-        f"SELECT member_id, status FROM read_parquet('{sweep}/tables/members/*.parquet')"
-    ).fetchall()
-    assert sorted(m for m, _ in statuses) == sorted(m.member_id for m in load_spec(spec_path).members())
-    assert {s for _, s in statuses} == {"complete"}
-
-
-def wait_for_progress(sweep: Path, epoch: int, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for path in (sweep / "progress").glob("*.json"):
-            try:
-                progress = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if epoch <= progress["epoch"] < progress["epochs"]:
-                return progress
-        time.sleep(0.05)
-    raise TimeoutError(f"no pack of {sweep} reached epoch {epoch}")
-
-
-def nc_ray_cli(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nc_ray.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+from tests.sweep_checks import (
+    LONG,
+    assert_exactly_once,
+    expected_keys,
+    nc_ray_cli,
+    table_keys,
+    wait_for_progress,
+)
 
 
 def sweep_killing_one_trial(spec_path: Path, sweep: Path, ray_address: str) -> tuple[int, str]:
