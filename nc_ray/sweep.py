@@ -125,6 +125,19 @@ def connect(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
 
 
+def keep_credentials_out_of_ray_logs() -> None:
+    """Stop Tune from copying the driver's AWS credentials into every trial's runtime_env.
+
+    Ray's runtime-env agent writes each runtime_env, values included, to its log on every node
+    (ray/tune/execution/class_cache.py names the variables copied). Trials get credentials from
+    their node instead: the environment Ray was started in (the embedded Ray inherits the
+    driver's), or an instance role.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE -= {name for name in class_cache.ENV_VARS_TO_PROPAGATE if name.startswith("AWS_")}
+
+
 def cluster_resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
@@ -275,7 +288,8 @@ def _record_failures(store: SweepStore, results) -> int:
         pack = store.read_pack(result.config["pack_id"])
         if all(statuses.get(r["member_id"]) in FINISHED for r in pack.members):
             continue
-        message = f"{type(result.error).__name__}: {result.error}"[:2000]
+        cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError's cause is the trial's own error
+        message = f"{type(cause).__name__}: {cause}"[:2000]
         rows = [{**r, "pack_id": pack.pack_id, "status": "failed", "error": message, "nc_ray_version": nc_ray.__version__} for r in pack.members]
         try:
             store.write_table("members", pack.pack_id, rows)
@@ -353,6 +367,7 @@ def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *
     # Tune's JSON/CSV/TensorBoard loggers duplicate what the Parquet tables hold, one file per trial;
     # without them Tune's result analysis warns about every trial, which says nothing here.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    keep_credentials_out_of_ray_logs()
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     seeds = len(spec.resolved()["grid"].get("seed", [spec.training.seed]))
     callbacks = [MemberProgress(store, seeds)] if show_progress else []
