@@ -13,13 +13,38 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nc_ray.spec import SpecError, load_spec
-from nc_ray.store import SweepBusyError
+from nc_ray.store import SweepBusyError, SweepStore
+
+# What makes a directory a sweep's: resolved_spec.json, written when `nc-ray sweep` starts, or
+# tables/ (results copied without the rest).
+SWEEP_MARKERS = ("resolved_spec.json", "tables")
+_ADDRESS = re.compile(r"(?:ray://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+
+
+def _check_sweep_dir(where: str | Path) -> None:
+    """Raise FileNotFoundError unless `where` (a path or URI) is a sweep directory (see SWEEP_MARKERS)."""
+    store = SweepStore(str(where))
+    if not any(store.exists(marker) for marker in SWEEP_MARKERS):
+        raise FileNotFoundError(f"{where}: not a sweep directory (it holds neither resolved_spec.json nor tables/)")
+
+
+def _sweep_dirs(*patterns: str) -> list[Path]:
+    """The local sweep directories `patterns` name, glob patterns expanded; FileNotFoundError where a
+    pattern names no directory (`expand_sweep_paths`) or a directory is not a sweep's."""
+    from nc_ray.query import expand_sweep_paths
+
+    directories = expand_sweep_paths(patterns)
+    for directory in directories:
+        _check_sweep_dir(directory)
+    return directories
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -54,6 +79,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from nc_ray.sweep import resume_sweep, sweep_status
 
+    _check_sweep_dir(args.sweep_dir)
     store = resume_sweep(args.sweep_dir, args.address)
     return _print_status(store.uri, sweep_status(store.uri))
 
@@ -61,12 +87,14 @@ def _resume(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from nc_ray.sweep import sweep_status
 
+    _check_sweep_dir(args.sweep_dir)
     return _print_status(args.sweep_dir, sweep_status(args.sweep_dir))
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from nc_ray.store import TABLES, SweepStore
+    from nc_ray.store import TABLES
 
+    _check_sweep_dir(args.sweep_dir)
     store = SweepStore(args.sweep_dir)
     broken = [path for table in TABLES for path in store.unreadable_files(table)]
     for path in broken:
@@ -109,9 +137,9 @@ def _exits_2_on_query_errors(handler: Callable[[argparse.Namespace], int]) -> Ca
 
 @_exits_2_on_query_errors
 def _query(args: argparse.Namespace) -> int:
-    from nc_ray.query import VIEWS, open_sweep
+    from nc_ray.query import VIEWS, Sweep
 
-    with open_sweep(args.sweep_dir, *args.sweep) as sweep:
+    with Sweep(_sweep_dirs(args.sweep_dir, *args.sweep)) as sweep:
         if args.output and any(Path(args.output).resolve().is_relative_to(d) for d in sweep.directories):
             raise ValueError(f"query sessions are read-only: --output {args.output} is inside a sweep directory")
         if args.sql is None:
@@ -161,13 +189,13 @@ def _thresholds(args: argparse.Namespace):
 def _phase(args: argparse.Namespace) -> int:
     from nc_ray.analysis import DEFAULT_METRICS, aggregate, phase_grid_text, try_forecast_setup, write_aggregate
     from nc_ray.plots import save_png, standard_figures
-    from nc_ray.query import open_sweep
+    from nc_ray.query import Sweep
     from nc_ray.store import EVALUATION_COLUMNS
 
     layers = args.layer if args.layer is not None else args.layers
     epoch = args.epoch
     metrics = args.metric or ["train_acc", "rank_rel_1e2", "dist_k_rel", "tcv_rel", "sv_max"]
-    with open_sweep(args.sweep_dir) as sweep:
+    with Sweep(_sweep_dirs(args.sweep_dir)) as sweep:
         table = aggregate(sweep, x=args.x, y=args.y, metrics=[*metrics, *DEFAULT_METRICS], layers=layers, epoch=epoch, thresholds=_thresholds(args))
         print(f"phase table: {write_aggregate(str(sweep.directories[0]), table)}")
         if epoch == "all":
@@ -199,6 +227,7 @@ def _phase(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from nc_ray.report import write_report
 
+    _sweep_dirs(args.sweep_dir)  # refuses a directory that is not a sweep's before the page is written into it
     path, problem = write_report(
         args.sweep_dir, args.output, thresholds=_thresholds(args), radius=args.radius, collapse_layer=args.collapse_layer, member_id=args.member,
     )
@@ -209,12 +238,81 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _epoch(text: str) -> int | str:
+    """argparse type of --epoch: an epoch number >= 0, 'final' or 'all'."""
     if text in ("final", "all"):
         return text
     try:
-        return int(text)
+        epoch = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an epoch number, 'final' or 'all', got {text!r}") from None
+        epoch = -1
+    if epoch < 0:
+        raise argparse.ArgumentTypeError(f"expected an epoch number >= 0, 'final' or 'all', got {text!r}")
+    return epoch
+
+
+def _number(convert: Callable[[str], int | float], minimum: float, *, above: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: `convert(text)`, required finite and >= `minimum` (> with `above`)."""
+    wanted = f"{'an integer' if convert is int else 'a finite number'} {'>' if above else '>='} {minimum:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        # Comparisons, not math.isfinite: that overflows on huge ints; nan fails every comparison.
+        if not ((minimum < value if above else minimum <= value) and value < math.inf):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _address(text: str) -> str:
+    """argparse type of --address: 'auto', or HOST:PORT with an optional ray:// (what ray.init takes)."""
+    match = _ADDRESS.fullmatch(text)
+    if text != "auto" and not (match and 1 <= int(match[1]) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or HOST:PORT, optionally after ray://, got {text!r}")
+    return text
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The file at `path` or above it, if any: it stops `path` from being made as a directory."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return None if existing.is_dir() else existing
+
+
+def _directory(text: str) -> str:
+    """argparse type of a local directory that nc-ray writes into, made when missing."""
+    blocking = _file_in_the_way(Path(text).expanduser())
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be a directory: {blocking} is a file")
+    return text
+
+
+def _output_file(text: str) -> str:
+    """argparse type of an output file: not a directory, in a directory that exists or can be made."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    blocking = _file_in_the_way(path.parent)
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {blocking} is a file, not a directory")
+    return text
+
+
+def _location(text: str) -> str:
+    """argparse type of a sweep's or storage's place: a local path, or a URI of a filesystem pyarrow has."""
+    if "://" in text:
+        try:
+            SweepStore(text)
+        except (ValueError, OSError) as error:  # an unknown scheme or credentials in the URI; hdfs:// without its libraries
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _storage(text: str) -> str:
+    """argparse type of --storage: a local directory (made when missing) or a URI of a filesystem pyarrow has."""
+    return _location(text) if "://" in text else _directory(text)
 
 
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
@@ -225,9 +323,9 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("phase thresholds (SCIENCE.md defaults, stored with the outputs)")
     for field in fields(PhaseThresholds):
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=float, default=field.default, help=f"default {field.default}")
-    parser.add_argument("--radius", type=float, default=None, help="class-mean radius r for the forecast (default: from the training inputs)")
-    parser.add_argument("--collapse-layer", type=int, default=1, help="m: features collapse after layer m, the forecast's tail is D = L - m (default 1)")
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=_number(float, 0), default=field.default, help=f"default {field.default}")
+    parser.add_argument("--radius", type=_number(float, 0, above=True), default=None, help="class-mean radius r for the forecast (default: from the training inputs)")
+    parser.add_argument("--collapse-layer", type=_number(int, 0), default=1, help="m: features collapse after layer m, the forecast's tail is D = L - m (default 1)")
     parser.add_argument("--member", default=None, help="member_id whose spectra are plotted over epochs (default: a complete member mid-grid)")
 
 
@@ -238,22 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="train every member of a job spec not yet finished")
     sweep.add_argument("spec", help="job spec YAML (see jobs/)")
-    sweep.add_argument("--storage", default="runs", help="local directory or pyarrow URI (s3://, gs://) holding sweeps; default ./runs")
-    sweep.add_argument("--address", default=None, help=address_help)
+    sweep.add_argument("--storage", type=_storage, default="runs", help="local directory or pyarrow URI (s3://, gs://) holding sweeps; default ./runs")
+    sweep.add_argument("--address", type=_address, default=None, help=address_help)
     sweep.add_argument("--dry-run", action="store_true", help="print the packs that would run, start nothing")
     sweep.set_defaults(handler=_sweep)
 
     resume = commands.add_parser("resume", help="continue an interrupted sweep from its directory")
-    resume.add_argument("sweep_dir")
-    resume.add_argument("--address", default=None, help=address_help)
+    resume.add_argument("sweep_dir", type=_location)
+    resume.add_argument("--address", type=_address, default=None, help=address_help)
     resume.set_defaults(handler=_resume)
 
     status = commands.add_parser("status", help="members complete / running / pending / diverged / failed")
-    status.add_argument("sweep_dir")
+    status.add_argument("sweep_dir", type=_location)
     status.set_defaults(handler=_status)
 
     doctor = commands.add_parser("doctor", help="list table files that do not read as Parquet; --quarantine moves them aside")
-    doctor.add_argument("sweep_dir")
+    doctor.add_argument("sweep_dir", type=_location)
     doctor.add_argument("--quarantine", action="store_true", help="move them to <sweep>/quarantine/ so that reads and queries skip them")
     doctor.set_defaults(handler=_doctor)
 
@@ -262,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", nargs="?", default=None, help="one SELECT statement, right after SWEEP_DIR (before any option); without it, list the views")
     query.add_argument("--sweep", action="append", default=[], metavar="DIR", help="another sweep directory or glob (repeatable); adds rows, told apart by the sweep column")
     query.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
-    query.add_argument("--output", default=None, metavar="FILE", help="write the result here (default stdout); not inside a sweep directory")
+    query.add_argument("--output", type=_output_file, default=None, metavar="FILE", help="write the result here (default stdout); not inside a sweep directory")
     query.set_defaults(handler=_query)
 
     phase = commands.add_parser("phase", help="aggregate per cell, write the phase table, phase map, heatmaps and relation plots")
@@ -271,17 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     phase.add_argument("--x", default="weight_decay", help="config column across (default weight_decay, log axis)")
     phase.add_argument("--y", default="depth", help="config column up (default depth)")
     chosen = phase.add_mutually_exclusive_group()
-    chosen.add_argument("--layer", type=int, default=None, help="metrics of this layer number")
+    chosen.add_argument("--layer", type=_number(int, 1), default=None, help="metrics of this layer number")
     chosen.add_argument("--layers", choices=("hidden", "penultimate", "all"), default="hidden",
                         help="per member, the median over these layers: hidden = 2..L-1, penultimate = layer L (default hidden)")
     phase.add_argument("--epoch", type=_epoch, default="final", help="an evaluation epoch, 'final' (default: each member's last) or 'all' (table only)")
-    phase.add_argument("--out", default=None, help="folder for the PNGs (default SWEEP_DIR/analysis)")
+    phase.add_argument("--out", type=_directory, default=None, help="folder for the PNGs (default SWEEP_DIR/analysis)")
     _add_analysis_options(phase)
     phase.set_defaults(handler=_phase)
 
     report = commands.add_parser("report", help="one self-contained HTML page with the sweep's result")
     report.add_argument("sweep_dir")
-    report.add_argument("--output", default=None, metavar="FILE", help="default SWEEP_DIR/analysis/report.html")
+    report.add_argument("--output", type=_output_file, default=None, metavar="FILE", help="default SWEEP_DIR/analysis/report.html")
     _add_analysis_options(report)
     report.set_defaults(handler=_report)
     return parser
