@@ -205,7 +205,7 @@ def test_corrupt_parquet_files_are_skipped_by_name_and_the_rest_is_queried(tmp_p
         assert sweep.skipped == damaged
         assert sweep.members().num_rows == 20 and sweep.spectra().num_rows > 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"skipping unreadable Parquet file {path}" for path in damaged]
+    assert sorted(warnings) == [f"skipping unreadable Parquet file {path}" for path in damaged]  # in the order DuckDB meets them
     assert main(["query", str(root), "SELECT count(*) FROM metrics"]) == 0
     assert str(expected) in capsys.readouterr().out
 
