@@ -113,8 +113,6 @@ def plain_trainable(config: dict) -> None:
 
 def run_plain_tune(members: list[MemberConfig], storage: Path, reuse_actors: bool) -> float:
     """a1 / a2: one Tune trial per member; returns the seconds of Tuner.fit()."""
-    # run_sweep (b) sets TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 in this process; a1/a2 keep Tune's default loggers.
-    os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
     tuner = tune.Tuner(
         tune.with_resources(plain_trainable, {"cpu": 1}),
         param_space={"member": tune.grid_search([m.to_dict() for m in members])},

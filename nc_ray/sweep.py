@@ -9,12 +9,13 @@ grouped into new packs. Each run is a new Tune experiment `tune-<n>`, and so is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,11 +365,7 @@ def _new_tune_run(store: SweepStore, spec: SweepSpec) -> str:
 
 
 def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *, restore: bool, show_progress: bool) -> None:
-    # Tune's JSON/CSV/TensorBoard loggers duplicate what the Parquet tables hold, one file per trial;
-    # without them Tune's result analysis warns about every trial, which says nothing here.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     keep_credentials_out_of_ray_logs()
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     seeds = len(spec.resolved()["grid"].get("seed", [spec.training.seed]))
     callbacks = [MemberProgress(store, seeds)] if show_progress else []
     trainable = _trainable_for(spec, store)
@@ -377,8 +374,28 @@ def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *
     else:
         param_space = {"pack_id": tune.grid_search([p.pack_id for p in packs])} if spec.search.mode == "grid" else {}
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(spec, store), run_config=_run_config(spec, store, name, callbacks))
-    results = tuner.fit()
+    with _without_tune_loggers():
+        results = tuner.fit()
     _record_failures(store, results)
+
+
+@contextlib.contextmanager
+def _without_tune_loggers() -> Iterator[None]:
+    """Tune's JSON/CSV/TensorBoard loggers duplicate what the Parquet tables hold, one file per
+    trial; without them Tune's result analysis warns about every trial, which says nothing here.
+    Scoped, so that a caller's own Tune runs in this process keep their defaults."""
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    saved_variable, saved_level = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"), analysis_log.level
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        analysis_log.setLevel(saved_level)
+        if saved_variable is None:
+            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved_variable
 
 
 @dataclass(frozen=True)
