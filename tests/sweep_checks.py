@@ -43,18 +43,34 @@ def assert_exactly_once(sweep: Path, spec_path) -> None:
     assert {s for _, s in statuses} == {"complete"}
 
 
-def wait_for_progress(sweep: Path, epoch: int, timeout: float = 120) -> dict:
+def running_packs(sweep: Path, min_epoch: int = 0) -> dict[str, dict]:
+    """pack_id -> its progress record, for the packs past `min_epoch` and not finished."""
+    found = {}
+    for path in (sweep / "progress").glob("*.json"):
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if min_epoch <= progress["epoch"] < progress["epochs"]:
+            found[path.stem] = progress
+    return found
+
+
+def wait_until(condition, what: str, timeout: float = 180):
+    """The first true value of `condition()`, polled; TimeoutError naming `what` after `timeout` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for path in (sweep / "progress").glob("*.json"):
-            try:
-                progress = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if epoch <= progress["epoch"] < progress["epochs"]:
-                return progress
+        if result := condition():
+            return result
         time.sleep(0.05)
-    raise TimeoutError(f"no pack of {sweep} reached epoch {epoch}")
+    raise TimeoutError(what)
+
+
+def wait_for_progress(sweep: Path, epoch: int, timeout: float = 120) -> dict:
+    """The progress record of a pack of `sweep` that has reached `epoch` and is not finished."""
+    return wait_until(
+        lambda: next(iter(running_packs(sweep, epoch).values()), None), f"no pack of {sweep} reached epoch {epoch}", timeout
+    )
 
 
 def nc_ray_cli(*args: str, **kwargs) -> subprocess.Popen:

@@ -335,46 +335,16 @@ def check_rejected(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch,
     assert snapshot(workspace) == before, case.argv
 
 
+STATUS_AND_DOCTOR_CASES = st.sampled_from(["status", "doctor"]).flatmap(lambda command: st.one_of(common_cases(command), bad_sweep_dir(command)))
+
+
+@pytest.mark.parametrize("cases", [
+    top_level_cases, sweep_cases(), resume_cases(), STATUS_AND_DOCTOR_CASES, query_cases(), phase_cases(), report_cases(),
+], ids=["subcommand", "sweep", "resume", "status-doctor", "query", "phase", "report"])
 @PROPERTY
-@given(case=top_level_cases)
-def test_bad_subcommands_are_rejected(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    check_rejected(case, workspace, monkeypatch, capsys)
-
-
-@PROPERTY
-@given(case=sweep_cases())
-def test_sweep_rejects_bad_arguments(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    check_rejected(case, workspace, monkeypatch, capsys)
-
-
-@PROPERTY
-@given(case=resume_cases())
-def test_resume_rejects_bad_arguments(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    check_rejected(case, workspace, monkeypatch, capsys)
-
-
-@PROPERTY
-@given(case=st.sampled_from(["status", "doctor"]).flatmap(lambda command: st.one_of(common_cases(command), bad_sweep_dir(command))))
-def test_status_and_doctor_reject_bad_arguments(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    check_rejected(case, workspace, monkeypatch, capsys)
-
-
-@PROPERTY
-@given(case=query_cases())
-def test_query_rejects_bad_arguments(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    check_rejected(case, workspace, monkeypatch, capsys)
-
-
-@PROPERTY
-@given(case=phase_cases())
-def test_phase_rejects_bad_arguments(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    check_rejected(case, workspace, monkeypatch, capsys)
-
-
-@PROPERTY
-@given(case=report_cases())
-def test_report_rejects_bad_arguments(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    check_rejected(case, workspace, monkeypatch, capsys)
+@given(data=st.data())
+def test_bad_arguments_are_rejected(cases, data, workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    check_rejected(data.draw(cases), workspace, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("address", GOOD_ADDRESSES)

@@ -1,35 +1,10 @@
 """Trial workers SIGKILLed again and again, and a worker node removed from a two-node local
 cluster mid-sweep: Tune retries the packs from their saved state and every row lands once."""
 
-import json
 import os
 import signal
-import time
-from pathlib import Path
 
-from tests.sweep_checks import LONG, assert_exactly_once, nc_ray_cli
-
-
-def running_packs(sweep: Path, min_epoch: int) -> dict[str, dict]:
-    """pack_id -> progress, for the packs past `min_epoch` and not finished."""
-    found = {}
-    for path in (sweep / "progress").glob("*.json"):
-        try:
-            progress = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if min_epoch <= progress["epoch"] < progress["epochs"]:
-            found[path.stem] = progress
-    return found
-
-
-def wait_until(condition, what: str, timeout: float = 180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.05)
-    raise TimeoutError(what)
+from tests.sweep_checks import LONG, assert_exactly_once, nc_ray_cli, running_packs, wait_until
 
 
 def test_trial_workers_killed_repeatedly(ray_address, tmp_path, job_file):
