@@ -362,7 +362,7 @@ def standard_figures(
 ) -> dict[str, Figure]:
     """The phase map of an aggregate table (with the forecast boundary when its axes are
     weight_decay x depth and `setup` is given), its heatmaps (name -> (column, title)), and, when
-    the sweep has complete members, the relation plots: bound, rank, tcv, spectra and forecast.
+    complete members have final-epoch rows, the relation plots: bound, rank, tcv, spectra and forecast.
     An empty table (no member yet) gives no figure."""
     if table.num_rows == 0:
         return {}
@@ -375,7 +375,11 @@ def standard_figures(
     figures = {f"phase_map_{x}_{y}": phase_map(table, x=x, y=y, boundary=boundary, boundary_label=label)}
     for name, (column, title) in heatmaps.items():
         figures[f"heatmap_{name}"] = heatmap(table, column, x=x, y=y, title=title)
-    if sweep.sql("SELECT count(*) AS n FROM members WHERE status = 'complete'")["n"][0].as_py():
+    final_rows = sweep.sql(
+        """SELECT count(*) AS n FROM metrics m JOIN members f ON m.sweep = f.sweep AND m.member_id = f.member_id
+        WHERE f.status = 'complete' AND m.epoch = f.final_epoch"""
+    )["n"][0].as_py()
+    if final_rows:  # none when every final-epoch file is damaged or skipped: nothing to relate
         figures["relation_bound"] = bound_figure(sweep)
         figures["relation_rank"] = rank_figure(sweep)
         figures["relation_tcv"] = tcv_figure(sweep)

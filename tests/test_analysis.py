@@ -176,3 +176,13 @@ def test_report_is_one_self_contained_page(sweep_dir, tmp_path, capsys):
     n_rows = pq.read_table(sweep_dir / "tables/metrics").num_rows
     assert f"{(n_rows - 1) / n_rows:.6f} ({n_rows - 1} of {n_rows} metrics rows)" in page  # one row has bound_ok false
     assert "collapsed_low_rank" in page and "weight_decay" in page and "reconstructed" in page
+
+
+def test_phase_goes_on_when_the_final_epoch_files_are_damaged(tmp_path, capsys):
+    sweep = build_sweep(tmp_path / "damaged")
+    for final in (sweep / "tables" / "metrics").glob("*-e000010.parquet"):
+        final.write_bytes(final.read_bytes()[:100])
+    assert main(["phase", str(sweep), "--out", str(tmp_path / "png")]) == 0
+    out = capsys.readouterr().out
+    assert "phase table:" in out and "heatmap_train_acc" in out
+    assert "relation_" not in out  # no complete member has a readable final epoch to relate
