@@ -271,7 +271,7 @@ def _address(text: str) -> str:
     """argparse type of --address: 'auto', or HOST:PORT with an optional ray:// (what ray.init takes)."""
     match = _ADDRESS.fullmatch(text)
     if text != "auto" and not (match and 1 <= int(match[1]) <= 65535):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or HOST:PORT, optionally after ray://, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'auto' or HOST:PORT, optionally after ray://, got {text!r} (from --address or $RAY_ADDRESS)")
     return text
 
 
@@ -337,13 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="train every member of a job spec not yet finished")
     sweep.add_argument("spec", help="job spec YAML (see jobs/)")
     sweep.add_argument("--storage", type=_storage, default="runs", help="local directory or pyarrow URI (s3://, gs://) holding sweeps; default ./runs")
-    sweep.add_argument("--address", type=_address, default=None, help=address_help)
+    # A string default goes through `type` too: $RAY_ADDRESS is checked like --address.
+    sweep.add_argument("--address", type=_address, default=os.environ.get("RAY_ADDRESS"), help=address_help)
     sweep.add_argument("--dry-run", action="store_true", help="print the packs that would run, start nothing")
     sweep.set_defaults(handler=_sweep)
 
     resume = commands.add_parser("resume", help="continue an interrupted sweep from its directory")
     resume.add_argument("sweep_dir", type=_location)
-    resume.add_argument("--address", type=_address, default=None, help=address_help)
+    resume.add_argument("--address", type=_address, default=os.environ.get("RAY_ADDRESS"), help=address_help)
     resume.set_defaults(handler=_resume)
 
     status = commands.add_parser("status", help="members complete / running / pending / diverged / failed")

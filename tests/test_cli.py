@@ -364,3 +364,13 @@ def test_dry_run_of_a_valid_spec_still_plans(workspace: Path, monkeypatch: pytes
 
 def test_the_address_examples_are_what_they_claim() -> None:
     assert all(is_address(a) for a in GOOD_ADDRESSES) and not any(is_address(a) for a in BAD_ADDRESSES)
+
+
+def test_a_bad_ray_address_in_the_environment_is_refused_before_ray_starts(workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("RAY_ADDRESS", "head-node")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", SPEC, "--storage", "runs-new"])
+    assert exit_info.value.code == 2
+    assert "'head-node' (from --address or $RAY_ADDRESS)" in capsys.readouterr().err
+    assert not (workspace / "runs-new").exists()
