@@ -111,10 +111,13 @@ def _print_status(where: str, status) -> int:
     print(f"{where}: " + ", ".join(f"{counts[k]} {k}" for k in counts))
     for pack_id, (epoch, epochs) in sorted(status.running.items()):
         print(f"  pack {pack_id}: epoch {epoch}/{epochs}")
+    if status.running:
+        # A progress file cannot tell a live trial from one whose driver died.
+        print(f"  (running: evaluated and unfinished; if no nc-ray driver is running, `nc-ray resume {where}` continues them)")
     for member_id, error in sorted(status.errors.items()):
         print(f"  failed {member_id}: {error}")
     for path in status.unreadable:
-        print(f"  unreadable (its members count as unfinished; `nc-ray sweep` retrains them): {path}")
+        print(f"  unreadable (its members count as unfinished; `nc-ray resume` retrains them): {path}")
     print(f"tables: {where}/tables/{{members,metrics,spectra}}")
     return 1 if counts["failed"] else 0
 
