@@ -29,11 +29,12 @@ SWEEP_MARKERS = ("resolved_spec.json", "tables")
 _ADDRESS = re.compile(r"(?:ray://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
-def _check_sweep_dir(where: str | Path) -> None:
-    """Raise FileNotFoundError unless `where` (a path or URI) is a sweep directory (see SWEEP_MARKERS)."""
+def _sweep_at(where: str | Path) -> SweepStore:
+    """The store of the sweep directory `where` (a path or URI); FileNotFoundError unless it is one (see SWEEP_MARKERS)."""
     store = SweepStore(str(where))
     if not any(store.exists(marker) for marker in SWEEP_MARKERS):
         raise FileNotFoundError(f"{where}: not a sweep directory (it holds neither resolved_spec.json nor tables/)")
+    return store
 
 
 def _sweep_dirs(*patterns: str) -> list[Path]:
@@ -43,7 +44,7 @@ def _sweep_dirs(*patterns: str) -> list[Path]:
 
     directories = expand_sweep_paths(patterns)
     for directory in directories:
-        _check_sweep_dir(directory)
+        _sweep_at(directory)
     return directories
 
 
@@ -73,29 +74,26 @@ def _sweep(args: argparse.Namespace) -> int:
     from nc_ray.sweep import run_sweep, sweep_status
 
     store = run_sweep(args.spec, args.storage, args.address)
-    return _print_status(store.uri, sweep_status(store.uri))
+    return _print_status(store.uri, sweep_status(store))
 
 
 def _resume(args: argparse.Namespace) -> int:
     from nc_ray.sweep import resume_sweep, sweep_status
 
-    _check_sweep_dir(args.sweep_dir)
-    store = resume_sweep(args.sweep_dir, args.address)
-    return _print_status(store.uri, sweep_status(store.uri))
+    store = resume_sweep(args.sweep_dir, args.address)  # refuses a directory without resolved_spec.json
+    return _print_status(store.uri, sweep_status(store))
 
 
 def _status(args: argparse.Namespace) -> int:
     from nc_ray.sweep import sweep_status
 
-    _check_sweep_dir(args.sweep_dir)
-    return _print_status(args.sweep_dir, sweep_status(args.sweep_dir))
+    return _print_status(args.sweep_dir, sweep_status(_sweep_at(args.sweep_dir)))
 
 
 def _doctor(args: argparse.Namespace) -> int:
     from nc_ray.store import TABLES
 
-    _check_sweep_dir(args.sweep_dir)
-    store = SweepStore(args.sweep_dir)
+    store = _sweep_at(args.sweep_dir)
     broken = [path for table in TABLES for path in store.unreadable_files(table)]
     for path in broken:
         print(f"unreadable: {path}" + (f" -> moved with its pack's members row to {', '.join(store.quarantine(path))}" if args.quarantine else ""))

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+import posixpath
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -96,10 +97,7 @@ def plan_packs(
 
 def sweep_store(storage: str | os.PathLike, name: str, filesystem: pafs.FileSystem | None = None) -> SweepStore:
     """The store of sweep `name` under `storage` (a local path or URI, or a path in `filesystem`)."""
-    storage = os.fspath(storage)
-    if filesystem is None and "://" not in storage:
-        storage = os.path.abspath(os.path.expanduser(storage))
-    return SweepStore(f"{storage.rstrip('/')}/{name}", filesystem)
+    return SweepStore(posixpath.join(os.fspath(storage), name), filesystem)
 
 
 def plan_sweep(spec: SweepSpec, store: SweepStore, cluster: dict[str, float] | None = None) -> SweepPlan:
