@@ -18,8 +18,9 @@ import torch
 
 from nc_ray.data import load_dataset
 from nc_ray.metrics import evaluate, pack_metrics
-from nc_ray.models import Architecture, PackedNetwork, build_model, data_order_generator
-from nc_ray.train import PackTrainer, per_sample_loss
+from nc_ray.models import Architecture, PackedNetwork, build_model
+from nc_ray.train import PackTrainer
+from plain_sgd import train_alone  # bench/ is the script's directory, first on sys.path
 
 WIDTH, DEPTH, BATCH, LR, MOMENTUM = 64, 4, 128, 0.05, 0.9
 
@@ -28,19 +29,6 @@ def members(count: int) -> tuple[list[float], list[int]]:
     decays = np.geomspace(1e-4, 3e-2, max(1, count // 4)).tolist()
     grid = [(decay, seed) for seed in range(4) for decay in decays][:count]
     return [d for d, _ in grid], [s for _, s in grid]
-
-
-def train_alone(spec: Architecture, seed: int, decay: float, x, y, epochs: int) -> None:
-    model = build_model(**vars(spec), seed=seed)
-    optimizer = torch.optim.SGD([{"params": model.weight_matrices(), "weight_decay": decay}], lr=LR, momentum=MOMENTUM)
-    order = data_order_generator(seed)
-    for _ in range(epochs):
-        permutation = torch.randperm(len(x), generator=order)
-        for start in range(0, len(x), BATCH):
-            batch = permutation[start : start + BATCH]
-            optimizer.zero_grad()
-            per_sample_loss(model(x[batch]), y[batch], "ce").mean().backward()
-            optimizer.step()
 
 
 def main() -> None:
@@ -73,7 +61,9 @@ def main() -> None:
 
     started = time.perf_counter()
     for index in range(args.alone):
-        train_alone(spec, seeds[index], decays[index], x, y, args.epochs)
+        model = build_model(**vars(spec), seed=seeds[index])
+        train_alone(model, x, y, lr=LR, momentum=MOMENTUM, weight_decay=decays[index], batch_size=BATCH,
+                    epochs=args.epochs, seed=seeds[index], loss="ce")
     alone = (time.perf_counter() - started) / args.alone
     print(f"[1] {args.epochs} epochs per member: packed ({len(seeds)} members) {packed * 1e3:.1f} ms, "
           f"alone {alone * 1e3:.1f} ms -> speed-up per member {alone / packed:.2f}x")

@@ -36,12 +36,17 @@ from ray import tune
 
 from nc_ray.data import load_dataset
 from nc_ray.metrics import member_metrics
-from nc_ray.models import build_model, data_order_generator
+from nc_ray.models import build_model
 from nc_ray.spec import MemberConfig, load_spec
 from nc_ray.store import SweepStore
 from nc_ray.sweep import FINISHED, auto_pack_size, parallel_slots, plan_packs, run_sweep
-from nc_ray.train import per_sample_loss
 from nc_ray.trial import run_pack
+
+import plain_sgd  # bench/ is the script's directory, first on sys.path
+from plain_sgd import train_alone
+
+# Ray workers cannot import from bench/: the trainable carries plain_sgd's code with it.
+ray.cloudpickle.register_pickle_by_value(plain_sgd)
 
 VARIANTS = ("a1", "a2", "b", "c")
 SPEC_NAME = "bench_sweep"
@@ -88,19 +93,10 @@ def plain_trainable(config: dict) -> None:
         member["arch"], data.in_dim, member["width"], member["depth"], data.n_classes,
         member["activation"], member["bias"], seed=member["seed"],
     )
-    optimizer = torch.optim.SGD(
-        [{"params": model.weight_matrices(), "weight_decay": member["weight_decay"]}], lr=member["lr"], momentum=member["momentum"]
+    train_alone(
+        model, x, y, lr=member["lr"], momentum=member["momentum"], weight_decay=member["weight_decay"],
+        batch_size=member["batch_size"] or len(x), epochs=member["epochs"], seed=member["seed"], loss=member["loss"],
     )
-    # The member's own data order, as nc-ray draws it, so that a1/a2 train the very networks b and c train.
-    order = data_order_generator(member["seed"])
-    batch_size = member["batch_size"] or len(x)
-    for _ in range(member["epochs"]):
-        permutation = torch.randperm(len(x), generator=order)
-        for start in range(0, len(x), batch_size):
-            batch = permutation[start : start + batch_size]
-            optimizer.zero_grad()
-            per_sample_loss(model(x[batch]), y[batch], member["loss"]).mean().backward()
-            optimizer.step()
     layers = member_metrics(model, x, y, weight_decay=member["weight_decay"], loss=member["loss"])
     with torch.no_grad():
         test_acc = (model(data.x_test).argmax(-1) == data.y_test).double().mean().item()
