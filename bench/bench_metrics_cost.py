@@ -23,7 +23,7 @@ import torch
 
 from nc_ray.spec import load_spec
 from nc_ray.store import PackPlan, SweepStore
-from nc_ray.sweep import auto_pack_size, parallel_slots, plan_packs
+from nc_ray.sweep import plan_sweep
 from nc_ray.trial import PackRun
 
 
@@ -44,12 +44,11 @@ def main() -> None:
     spec = load_spec(args.job)
     members = spec.members()
     cpus = os.cpu_count() or 1
-    pack_size = spec.resources.pack_size
-    if pack_size == "auto":
-        pack_size = auto_pack_size(len(members), parallel_slots(spec, {"CPU": float(cpus)}))
-    packs = plan_packs(members, [], {}, pack_size)
+    with tempfile.TemporaryDirectory(prefix="bench_metrics-plan-") as empty:  # a new sweep: nothing finished
+        plan = plan_sweep(spec, SweepStore(empty), {"CPU": float(cpus)})
+    packs = plan.packs
     first = members[0]
-    print(f"{spec.name}: {len(members)} members in {len(packs)} packs of <= {pack_size}, {first.epochs} epochs, "
+    print(f"{spec.name}: {len(members)} members in {len(packs)} packs of <= {plan.pack_size}, {first.epochs} epochs, "
           f"evaluations at epochs {first.evaluation_epochs()}; {cpus} packs at a time, 1 thread each")
     shares = []
     for run in range(1, args.runs + 1):

@@ -38,8 +38,8 @@ from nc_ray.data import load_dataset
 from nc_ray.metrics import member_metrics
 from nc_ray.models import build_model
 from nc_ray.spec import MemberConfig, load_spec
-from nc_ray.store import SweepStore
-from nc_ray.sweep import FINISHED, auto_pack_size, parallel_slots, plan_packs, run_sweep
+from nc_ray.store import PackPlan, SweepStore
+from nc_ray.sweep import FINISHED, plan_sweep, run_sweep
 from nc_ray.trial import run_pack
 
 import plain_sgd  # bench/ is the script's directory, first on sys.path
@@ -134,10 +134,10 @@ def run_nc_ray(spec_path: Path, storage: Path, n_members: int) -> float:
     return seconds
 
 
-def run_floor(members: list[MemberConfig], pack_size: int, storage: Path, threads: int) -> float:
-    """c: the packs nc-ray would plan, trained in this process one after another; returns the loop's seconds."""
+def run_floor(packs: list[PackPlan], storage: Path, threads: int) -> float:
+    """c: the packs nc-ray plans, trained in this process one after another; returns the loop's seconds."""
     torch.set_num_threads(threads)
-    packs = plan_packs(members, [], {}, pack_size)
+    members = [member for pack in packs for member in pack.members]
     store = SweepStore(str(storage / SPEC_NAME))
     started = time.perf_counter()
     rows = [row for pack in packs for row in run_pack(pack, store)]
@@ -171,11 +171,11 @@ def main() -> None:
         # Evenly spaced, so that every depth is in the subset in its share.
         plain_members = members[:: len(members) // args.members][: args.members] if args.members else members
         cpus = os.cpu_count() or 1
-        # The pack size b plans on the embedded Ray started below (num_cpus = this machine's CPUs).
-        pack_size = auto_pack_size(len(members), parallel_slots(spec, {"CPU": float(cpus)}))
+        # What b plans on the embedded Ray started below (num_cpus = this machine's CPUs), on a new sweep.
+        plan = plan_sweep(spec, SweepStore(str(root / "plan")), {"CPU": float(cpus)})
         print(f"grid: {len(members)} members (digits, mlp width 64, depth 2/3/4/6 x 16 weight decays x 8 seeds), "
               f"20 epochs, batch 128, one evaluation at epoch 20; {cpus} CPUs")
-        print(f"b and c: packs of <= {pack_size} members ({len(plan_packs(members, [], {}, pack_size))} packs); "
+        print(f"b and c: packs of <= {plan.pack_size} members ({len(plan.packs)} packs); "
               f"c: {args.floor_threads} torch threads in one process")
         if len(plain_members) < len(members) and {"a1", "a2"} & set(variants):
             depths = sorted({m.depth for m in plain_members})
@@ -199,7 +199,7 @@ def main() -> None:
                 elif variant == "b":
                     seconds = run_nc_ray(spec_path, storage, len(members))
                 else:
-                    seconds = run_floor(members, pack_size, storage, args.floor_threads)
+                    seconds = run_floor(plan.packs, storage, args.floor_threads)
                 rate = counts[variant] / (seconds / 60)
                 measured[variant].append(rate)
                 print(f"{variant:8} {run:>3} {counts[variant]:>8} {seconds:>9.1f} {rate:>12.1f}", flush=True)
