@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from nc_ray.analysis import aggregate
 from nc_ray.query import open_sweep
-from nc_ray.store import SCHEMAS
+from nc_ray.schema import SCHEMAS
 
 DEPTHS = (3, 4, 6, 8)
 DECAYS = np.geomspace(1e-4, 1e-1, 20)

@@ -29,7 +29,8 @@ import ray
 import torch
 import yaml
 
-from nc_ray.sweep import run_sweep, sweep_status
+from nc_ray.planning import sweep_status
+from nc_ray.sweep import run_sweep
 
 
 class GpuSampler:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from nc_ray.spec import load_spec
-from nc_ray.store import PackPlan, SweepStore
-from nc_ray.sweep import plan_sweep
+from nc_ray.config import PackPlan
+from nc_ray.planning import plan_sweep
+from nc_ray.store import SweepStore
 from nc_ray.trial import PackRun
 
 

@@ -37,9 +37,11 @@ from ray import tune
 from nc_ray.data import load_dataset
 from nc_ray.metrics import member_metrics
 from nc_ray.models import build_model
-from nc_ray.spec import MemberConfig, load_spec
-from nc_ray.store import PackPlan, SweepStore
-from nc_ray.sweep import FINISHED, plan_sweep, run_sweep
+from nc_ray.config import MemberConfig, PackPlan
+from nc_ray.planning import FINISHED, plan_sweep
+from nc_ray.spec import load_spec
+from nc_ray.store import SweepStore
+from nc_ray.sweep import run_sweep
 from nc_ray.trial import run_pack
 
 import plain_sgd  # bench/ is the script's directory, first on sys.path

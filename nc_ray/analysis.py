@@ -47,7 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nc_ray.store import CONFIG_COLUMNS, SweepStore
+from nc_ray.schema import CONFIG_NAMES
+from nc_ray.store import SweepStore
 from nc_ray.theory import LABEL, class_mean_radius, critical_weight_decay, forecast
 
 if TYPE_CHECKING:  # duckdb is imported by the functions that query, keeping `nc-ray --help` light
@@ -61,7 +62,6 @@ LAYER_GROUPS = ("hidden", "penultimate", "all")
 Layers = Literal["hidden", "penultimate", "all"] | int
 Epoch = int | Literal["final", "all"]
 METADATA_KEY = b"nc_ray.phase"
-_CONFIG_NAMES = tuple(name for name, _ in CONFIG_COLUMNS)
 _HIDDEN = "(layer < depth AND (layer > 1 OR depth <= 2))"
 
 
@@ -122,8 +122,8 @@ def _check_names(sweep: Sweep, x: str, y: str, metrics: Sequence[str]) -> None:
     if x == y:
         raise ValueError(f"x and y must be different config columns, both are {x!r}")
     for axis in (x, y):
-        if axis not in _CONFIG_NAMES:
-            raise ValueError(f"axis {axis!r} is not a config column; config columns: {', '.join(_CONFIG_NAMES)}")
+        if axis not in CONFIG_NAMES:
+            raise ValueError(f"axis {axis!r} is not a config column; config columns: {', '.join(CONFIG_NAMES)}")
     numeric = {f.name for f in sweep.sql("SELECT * FROM metrics LIMIT 0").schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)}
     bad = [m for m in metrics if m not in numeric or m in ("epoch", "layer")]
     if bad or not metrics:
@@ -150,7 +150,7 @@ def aggregation_sql(
     t = thresholds
     names = [quote_identifier(m) for m in metrics]
     k_rows = " UNION ALL ".join(["SELECT ?::VARCHAR, ?::VARCHAR, ?::BIGINT"] * len(class_counts)) or "SELECT NULL::VARCHAR, NULL::VARCHAR, NULL::BIGINT WHERE false"
-    other_config = ", ".join(quote_identifier(c) for c in _CONFIG_NAMES if c not in (x, y, "seed"))
+    other_config = ", ".join(quote_identifier(c) for c in CONFIG_NAMES if c not in (x, y, "seed"))
     metric_values = ",\n        ".join(f"median({n}) FILTER (WHERE {selected}) AS {n}" for n in names)
     metric_quantiles = ",\n        ".join(f"quantile_cont({n}, [0.25, 0.5, 0.75]) AS {n}" for n in names)
     metric_columns = ",\n    ".join(

@@ -51,7 +51,7 @@ def _sweep_dirs(*patterns: str) -> list[Path]:
 def _sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated before Ray starts or anything is written
     if args.dry_run:
-        from nc_ray.sweep import plan_sweep, sweep_store
+        from nc_ray.planning import plan_sweep, sweep_store
 
         plan = plan_sweep(spec, sweep_store(args.storage, spec.name))
         print(f"sweep {spec.name} -> {plan.store.uri}")
@@ -62,36 +62,40 @@ def _sweep(args: argparse.Namespace) -> int:
                 f"depth in {grid.get('depth', [spec.model.depth])} and weight_decay in [{spec.search.weight_decay.low:g}, {spec.search.weight_decay.high:g}]"
             )
             return 0
-        print(f"{plan.n_members} members, {plan.n_finished} already finished, {len(plan.packs)} packs of <= {plan.pack_size} (pack size for this machine's {os.cpu_count()} CPUs)")
+        chosen = f"auto: for this machine's {os.cpu_count()} CPUs" if plan.pack_size_auto else "set in the spec"
+        print(f"{plan.n_members} members, {plan.n_finished} already finished, {len(plan.packs)} packs of <= {plan.pack_size} (pack size {chosen})")
         for pack in plan.packs:
-            first = pack.members[0]
-            decays = sorted({m["weight_decay"] for m in pack.members})
+            first = pack.first
+            decays = sorted({m.weight_decay for m in pack.members})
             print(
-                f"  {pack.pack_id}  {len(pack.members):3d} members  {first['dataset']} {first['arch']} depth={first['depth']} "
-                f"width={first['width']} loss={first['loss']} epochs={first['epochs']}  weight_decay {decays[0]:.3g}..{decays[-1]:.3g}"
+                f"  {pack.pack_id}  {len(pack.members):3d} members  {first.dataset} {first.arch} depth={first.depth} "
+                f"width={first.width} loss={first.loss} epochs={first.epochs}  weight_decay {decays[0]:.3g}..{decays[-1]:.3g}  "
+                f"{first.describe_schedule()}"
             )
         return 0
-    from nc_ray.sweep import run_sweep, sweep_status
+    from nc_ray.planning import sweep_status
+    from nc_ray.sweep import run_sweep
 
     store = run_sweep(args.spec, args.storage, args.address)
     return _print_status(store.uri, sweep_status(store))
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from nc_ray.sweep import resume_sweep, sweep_status
+    from nc_ray.planning import sweep_status
+    from nc_ray.sweep import resume_sweep
 
     store = resume_sweep(args.sweep_dir, args.address)  # refuses a directory without resolved_spec.json
     return _print_status(store.uri, sweep_status(store))
 
 
 def _status(args: argparse.Namespace) -> int:
-    from nc_ray.sweep import sweep_status
+    from nc_ray.planning import sweep_status
 
     return _print_status(args.sweep_dir, sweep_status(_sweep_at(args.sweep_dir)))
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from nc_ray.store import TABLES
+    from nc_ray.schema import TABLES
 
     store = _sweep_at(args.sweep_dir)
     broken = [path for table in TABLES for path in store.unreadable_files(table)]
@@ -191,7 +195,7 @@ def _phase(args: argparse.Namespace) -> int:
     from nc_ray.analysis import DEFAULT_METRICS, aggregate, phase_grid_text, try_forecast_setup, write_aggregate
     from nc_ray.plots import save_png, standard_figures
     from nc_ray.query import Sweep
-    from nc_ray.store import EVALUATION_COLUMNS
+    from nc_ray.schema import EVALUATION_COLUMNS
 
     layers = args.layer if args.layer is not None else args.layers
     epoch = args.epoch

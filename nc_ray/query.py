@@ -8,7 +8,7 @@
 Views (every one starts with a `sweep` column, the sweep directory's name):
     members, metrics, spectra   the tables of `nc_ray.store` (`tables/<name>/**/*.parquet`), read
                                 with hive partitions and union by name: columns missing from some
-                                files are null, and every column of `nc_ray.store.SCHEMAS` exists
+                                files are null, and every column of `nc_ray.schema.SCHEMAS` exists
                                 even when a table has no file yet
     planned                     one row per member the sweep planned (the member records of
                                 `packs/*.json`): what a finished sweep will hold
@@ -44,14 +44,13 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from nc_ray.store import CONFIG_COLUMNS, SCHEMAS, TABLES
+from nc_ray.schema import PLANNED_SCHEMA, SCHEMAS, TABLES
+from nc_ray.store import reads_as_parquet
 
 logger = logging.getLogger(__name__)
 
 VIEWS = (*TABLES, "planned")
-_PLANNED_SCHEMA = pa.schema([SCHEMAS["members"].field(name) for name in ("member_id", "pack_id", *(n for n, _ in CONFIG_COLUMNS))])
 # DuckDB quotes the file it failed on in its message, with ' or " depending on the error.
 _QUOTED_PARQUET_PATH = re.compile(r"""['"]([^'"]+\.parquet)['"]""")
 Result = TypeVar("Result")
@@ -68,16 +67,6 @@ def quote_identifier(name: str) -> str:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _reads_as_parquet(path: Path) -> bool:
-    # Reads the data too: a file can have an intact footer and damaged pages.
-    try:
-        with pq.ParquetFile(path) as file:
-            file.read()
-    except (pa.ArrowInvalid, OSError):
-        return False
-    return True
 
 
 def expand_sweep_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -114,7 +103,7 @@ class Sweep:
         self._definitions: dict[str, str] = {}  # view -> the CREATE VIEW statement that defines it now
         self._con = duckdb.connect(":memory:")
         for view in VIEWS:
-            schema = _PLANNED_SCHEMA if view == "planned" else SCHEMAS[view]
+            schema = PLANNED_SCHEMA if view == "planned" else SCHEMAS[view]
             empty = pa.schema([pa.field("sweep", pa.string()), *schema]).empty_table()
             self._con.register(f"_empty_{view}", empty)  # fixes the columns and their order
         for view in VIEWS:
@@ -150,7 +139,9 @@ class Sweep:
             if view == "planned":
                 if glob.glob(os.path.join(glob.escape(str(directory)), "packs", "*.json")):
                     source = _literal(f"{directory}/packs/*.json")
-                    parts.append(f"SELECT {_literal(name)} AS sweep, unnest(members, recursive := true) FROM read_json({source})")
+                    # union_by_name: pack files of version 1 lack the member fields version 2 added.
+                    parts.append(f"SELECT {_literal(name)} AS sweep, pack_id, unnest(members, recursive := true) "
+                                 f"FROM read_json({source}, union_by_name = true)")
             elif source := self._parquet_source(directory, view):
                 parts.append(
                     f"SELECT {_literal(name)} AS sweep, * FROM read_parquet({source}, union_by_name = true, hive_partitioning = true)"
@@ -168,7 +159,7 @@ class Sweep:
                 if path.is_relative_to(directory / "tables"):
                     table = path.relative_to(directory / "tables").parts[0]
                     # Messages quote readable files too (and a query can raise any message with error()).
-                    if table in self._skipped and str(path) not in self._skipped[table] and not _reads_as_parquet(path):
+                    if table in self._skipped and str(path) not in self._skipped[table] and not reads_as_parquet(str(path)):
                         return table, str(path)
         return None
 

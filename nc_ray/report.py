@@ -14,11 +14,11 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-from nc_ray import __version__
+from nc_ray._version import __version__
 from nc_ray.analysis import ForecastSetup, PhaseThresholds, aggregate, phase_grid_text, try_forecast_setup
 from nc_ray.plots import png_bytes, standard_figures
 from nc_ray.query import Sweep, open_sweep
-from nc_ray.store import CONFIG_COLUMNS, MEMBER_STATUSES, TABLES
+from nc_ray.schema import CONFIG_NAMES, MEMBER_STATUSES, TABLES
 
 # name -> (aggregate column, title) of the report's heatmaps
 REPORT_HEATMAPS = {
@@ -64,7 +64,7 @@ def _configuration(sweep: Sweep) -> list[tuple[str, str]]:
     """(config column, its distinct values) over planned members, else finished ones."""
     source = "planned" if sweep.sql("SELECT count(*) AS n FROM planned")["n"][0].as_py() else "members"
     out = []
-    for name, _ in CONFIG_COLUMNS:
+    for name in CONFIG_NAMES:
         values = sweep.sql(f'SELECT DISTINCT "{name}" AS v FROM {source} ORDER BY 1 NULLS FIRST')["v"].to_pylist()
         shown = ", ".join("null" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values[:MAX_VALUES_SHOWN])
         out.append((name, shown + (f", … ({len(values)} values)" if len(values) > MAX_VALUES_SHOWN else "")))

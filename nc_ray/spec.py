@@ -11,6 +11,11 @@ Format (only `name` and `dataset.name` are required; the values shown are the de
     model: {arch: mlp, width: 64, depth: 4, activation: relu, bias: false}
     loss: ce                    # ce | mse
     training: {lr: 0.05, momentum: 0.9, batch_size: 128, epochs: 100, weight_decay: 1.0e-3, seed: 0}
+      schedule: {kind: constant, warmup_epochs: 0}
+        # kind: constant | step (milestones: [e1, e2, ...] required, gamma: 0.1)
+        #       | cosine (floor: 0.0, the last lr as a fraction of lr); see MemberConfig.lr_factor
+      stop: null                # or {stationarity: 1.0e-2}: stop a member at the first evaluation
+                                # where max over layers of stationarity <= this value
     grid: {}                    # axes: dataset arch loss width depth lr weight_decay seed
       # an axis is a non-empty list of distinct values; lr and weight_decay also take
       # {log_range: [low, high], num: N} (numpy.geomspace; exact endpoints, the values between
@@ -37,10 +42,7 @@ a key repeated within one mapping is an error.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
-import json
 import math
 import re
 from collections.abc import Callable, Hashable
@@ -52,13 +54,12 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from nc_ray.config import ACTIVATIONS, ARCHITECTURES, LOSSES, LR_SCHEDULES, MemberConfig
 from nc_ray.data import dataset_names, dataset_params, n_classes_of
-from nc_ray.metrics import LAYER_METRICS
-from nc_ray.models import ACTIVATIONS, ARCHITECTURES
-from nc_ray.train import LOSSES
+from nc_ray.schema import FLAG_METRICS, LAYER_METRICS, MEMBER_METRICS
 
 AXES = ("dataset", "arch", "loss", "width", "depth", "lr", "weight_decay", "seed")
-OBJECTIVE_METRICS = tuple(m for m in LAYER_METRICS if m != "bound_ok")  # bound_ok is a flag, not a quantity
+OBJECTIVE_METRICS = tuple(m for m in (*LAYER_METRICS, *MEMBER_METRICS) if m not in FLAG_METRICS)  # flags are not quantities
 MAX_AXIS_LENGTH = 100_000
 _SIGNIFICANT_DIGITS = 12
 _TAGS = {"<list>", "<map>", "<str>", "<int>", "[key]"}  # pydantic loc parts that are not spec keys
@@ -159,7 +160,7 @@ Depth = Annotated[int, Field(ge=2)]
 AxisLength = Annotated[int, Field(ge=1, le=MAX_AXIS_LENGTH)]
 DatasetName = Annotated[str, AfterValidator(_known_dataset)]
 Arch = Literal[ARCHITECTURES]
-Activation = Literal[tuple(ACTIVATIONS)]
+Activation = Literal[ACTIVATIONS]
 Loss = Literal[LOSSES]
 PackSize = _either("'auto' or an integer >= 1", str=(Literal["auto"], _is_str), int=(PosInt, _is_int))
 Layer = _either("'penultimate', 'hidden' or an integer >= 1",
@@ -231,6 +232,35 @@ class ModelSpec(_Model):
     bias: bool = False
 
 
+class ScheduleSpec(_Model):
+    """The lr schedule, a multiplier of each member's lr per epoch (`MemberConfig.lr_factor`)."""
+
+    kind: Literal[LR_SCHEDULES] = "constant"
+    milestones: Annotated[list[PosInt], Field(min_length=1, max_length=1000)] | None = None
+    gamma: PosFloat | None = None
+    floor: Annotated[float, Field(ge=0, le=1)] | None = None
+    warmup_epochs: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleSpec:
+        owners = {"milestones": "step", "gamma": "step", "floor": "cosine"}
+        problems = [((key,), getattr(self, key), f"only allowed with kind: {kind}")
+                    for key, kind in owners.items() if getattr(self, key) is not None and self.kind != kind]
+        if self.kind == "step" and self.milestones is None:
+            problems.append((("milestones",), _MISSING, "required with kind: step"))
+        milestones = self.milestones or []
+        if any(b <= a for a, b in zip(milestones, milestones[1:])):
+            problems.append((("milestones",), milestones, "must be strictly increasing"))
+        _fail(problems)
+        return self
+
+
+class StopSpec(_Model):
+    """Stop a member at the first evaluation where max over layers of `stationarity` <= this."""
+
+    stationarity: PosFloat
+
+
 class TrainingSpec(_Model):
     lr: PosFloat = 0.05
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -238,6 +268,8 @@ class TrainingSpec(_Model):
     epochs: PosInt = 100
     weight_decay: NonNegFloat = 1e-3
     seed: NonNegInt = 0
+    schedule: ScheduleSpec = ScheduleSpec()
+    stop: StopSpec | None = None
 
 
 class GridSpec(_Model):
@@ -362,6 +394,12 @@ class SweepSpec(_Model):
         for loc, width in self._values("width", self.model.width, ("model", "width")):
             problems += [(loc, width, f"must be >= {k}, the number of classes of dataset {name!r}")
                          for name, k in n_classes.items() if width < k][:1]
+        schedule, epochs = self.training.schedule, self.training.epochs
+        if schedule.warmup_epochs >= epochs and schedule.warmup_epochs > 0:
+            problems.append((("training", "schedule", "warmup_epochs"), schedule.warmup_epochs,
+                             f"must be < training.epochs ({epochs})"))
+        problems += [(("training", "schedule", "milestones", i), m, f"must be < training.epochs ({epochs})")
+                     for i, m in enumerate(schedule.milestones or []) if m >= epochs][:1]
         subset, n_per_class = self.metrics.subset_per_class, self.dataset.n_per_class
         if subset is not None and n_per_class is not None and subset > n_per_class:
             problems.append((("metrics", "subset_per_class"), subset,
@@ -395,6 +433,12 @@ class SweepSpec(_Model):
             activation=m.activation, bias=m.bias, loss=v["loss"], lr=v["lr"], momentum=t.momentum,
             batch_size=t.batch_size, epochs=t.epochs, weight_decay=v["weight_decay"], seed=v["seed"],
             metric_every=self.metric_every, metric_initial=mt.initial, metric_subset_per_class=mt.subset_per_class,
+            lr_schedule=t.schedule.kind,
+            lr_milestones=tuple(t.schedule.milestones) if t.schedule.kind == "step" else None,
+            lr_gamma=(t.schedule.gamma or 0.1) if t.schedule.kind == "step" else None,
+            lr_floor=(t.schedule.floor or 0.0) if t.schedule.kind == "cosine" else None,
+            lr_warmup_epochs=t.schedule.warmup_epochs,
+            stop_stationarity=t.stop.stationarity if t.stop is not None else None,
         )
 
     def grid_points(self) -> list[dict[str, Any]]:
@@ -415,67 +459,6 @@ class SweepSpec(_Model):
         data["metrics"]["every"] = self.metric_every
         data["search"] = {k: v for k, v in data["search"].items() if v is not None}
         return data
-
-
-# ---------------------------------------------------------------- members
-
-_SEARCHED = ("lr", "weight_decay", "seed")
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberConfig:
-    """Everything that defines one trained network; hashable, JSON round-trippable."""
-
-    dataset: str
-    dataset_params: tuple[tuple[str, Any], ...]
-    n_per_class: int | None
-    standardize: bool
-    arch: str
-    width: int
-    depth: int
-    activation: str
-    bias: bool
-    loss: str
-    lr: float
-    momentum: float
-    batch_size: int | None
-    epochs: int
-    weight_decay: float
-    seed: int
-    metric_every: int
-    metric_initial: bool
-    metric_subset_per_class: int | None
-
-    def __post_init__(self) -> None:
-        # Canonical types, so equal configs have equal ids (0 and 0.0 are the same weight decay).
-        params = self.dataset_params.items() if isinstance(self.dataset_params, dict) else self.dataset_params
-        object.__setattr__(self, "dataset_params", tuple(sorted((str(k), v) for k, v in params)))
-        for name in ("lr", "momentum", "weight_decay"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-
-    @property
-    def member_id(self) -> str:
-        """First 16 hex digits of the sha256 of the canonical JSON of `to_dict()`."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-    def pack_key(self) -> tuple:
-        """Every field but lr, weight_decay and seed: members with equal keys can share a pack."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _SEARCHED)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["dataset_params"] = dict(self.dataset_params)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MemberConfig:
-        return cls(**{**d, "dataset_params": tuple(sorted(d["dataset_params"].items()))})
-
-    def evaluation_epochs(self) -> list[int]:
-        """Sorted: 0 if metric_initial, the multiples of metric_every up to epochs, and epochs."""
-        epochs = set(range(self.metric_every, self.epochs + 1, self.metric_every)) | {self.epochs}
-        return sorted(epochs | ({0} if self.metric_initial else set()))
 
 
 # ---------------------------------------------------------------- loading

@@ -21,15 +21,12 @@ reader never sees a half-written file (`*.parquet` globs skip the `.tmp` names).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import math
 import os
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,92 +35,21 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from nc_ray.metrics import LAYER_METRICS, PENULTIMATE_METRICS
+from nc_ray.config import PackPlan
+from nc_ray.schema import SCHEMAS, rows_to_table
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-TABLES = ("members", "metrics", "spectra")
-MEMBER_STATUSES = ("complete", "diverged", "failed")
 
-CONFIG_COLUMNS = [
-    ("dataset", pa.string()), ("dataset_params", pa.string()), ("n_per_class", pa.int64()),
-    ("standardize", pa.bool_()), ("arch", pa.string()), ("width", pa.int64()), ("depth", pa.int64()),
-    ("activation", pa.string()), ("bias", pa.bool_()), ("loss", pa.string()), ("lr", pa.float64()),
-    ("momentum", pa.float64()), ("batch_size", pa.int64()), ("epochs", pa.int64()),
-    ("weight_decay", pa.float64()), ("seed", pa.int64()), ("metric_every", pa.int64()),
-    ("metric_initial", pa.bool_()), ("metric_subset_per_class", pa.int64()),
-]
-KEY_CONFIG = ("dataset", "arch", "depth", "width", "loss", "weight_decay", "lr", "seed")
-_KEY_COLUMNS = [(name, dtype) for name, dtype in CONFIG_COLUMNS if name in KEY_CONFIG]
-_ID_COLUMNS = [("member_id", pa.string()), ("pack_id", pa.string())]
-_INT_METRICS = {"rank_rel_1e1", "rank_rel_1e2", "rank_rel_1e3"}
-EVALUATION_COLUMNS = [
-    ("train_loss", pa.float64()), ("train_acc", pa.float64()),
-    ("test_loss", pa.float64()), ("test_acc", pa.float64()),
-]
-
-SCHEMAS = {
-    "members": pa.schema(
-        _ID_COLUMNS + CONFIG_COLUMNS + [
-            ("status", pa.string()), ("error", pa.string()), ("diverged_epoch", pa.int64()),
-            ("epochs_run", pa.int64()), ("final_epoch", pa.int64()), *EVALUATION_COLUMNS,
-            ("n_train", pa.int64()), ("n_metric", pa.int64()), ("wall_time_s", pa.float64()),
-            ("device", pa.string()), ("nc_ray_version", pa.string()),
-            ("finished_at", pa.timestamp("s", tz="UTC")),
-        ]
-    ),
-    "metrics": pa.schema(
-        _ID_COLUMNS + _KEY_COLUMNS + [("epoch", pa.int64()), ("layer", pa.int64())]
-        + [(name, pa.bool_() if name == "bound_ok" else pa.int64() if name in _INT_METRICS else pa.float64()) for name in LAYER_METRICS]
-        + [(name, pa.float64()) for name in PENULTIMATE_METRICS]
-        + EVALUATION_COLUMNS
-        + [("metric_set", pa.string()), ("n_metric", pa.int64())]
-    ),
-    "spectra": pa.schema(
-        _ID_COLUMNS + _KEY_COLUMNS + [("epoch", pa.int64()), ("layer", pa.int64()), ("singular_values", pa.list_(pa.float64()))]
-    ),
-}
-
-
-def _clean(value: Any) -> Any:
-    # Parquet nulls, not NaN, for undefined values (e.g. tcv_rel when all inputs coincide).
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def rows_to_table(name: str, rows: Sequence[dict]) -> pa.Table:
-    """Rows (dicts keyed by column name; missing keys are null) as a table of the versioned schema."""
-    schema = SCHEMAS[name]
-    columns = {field.name: [_clean(row.get(field.name)) for row in rows] for field in schema}
-    return pa.Table.from_pydict(columns, schema=schema).replace_schema_metadata(
-        {b"nc_ray.schema_version": str(SCHEMA_VERSION).encode()}
-    )
-
-
-def member_record(config: dict, member_id: str) -> dict:
-    """A member's flat config as stored everywhere: its id added, dataset_params as canonical JSON."""
-    params = config["dataset_params"]
-    return {**config, "member_id": member_id, "dataset_params": params if isinstance(params, str) else json.dumps(params, sort_keys=True)}
-
-
-@dataclass(frozen=True)
-class PackPlan:
-    """One Tune trial: members sharing a shape, trained together."""
-
-    pack_id: str
-    members: list[dict]  # member records: see `member_record`
-
-    def to_json(self) -> str:
-        return json.dumps({"pack_id": self.pack_id, "members": self.members}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PackPlan:
-        data = json.loads(text)
-        return cls(pack_id=data["pack_id"], members=data["members"])
+def reads_as_parquet(source: str | pa.NativeFile, schema: pa.Schema | None = None) -> bool:
+    """Whether a file reads whole as Parquet (of `schema`, if given): pages too, since a file can
+    have an intact footer and damaged data."""
+    try:
+        pq.read_table(source, schema=schema)
+    except (pa.ArrowInvalid, OSError):
+        return False
+    return True
 
 
 def check_storage_uri(uri: str) -> None:
@@ -235,11 +161,9 @@ class SweepStore:
         broken = []
         for file in self.list_files(f"tables/{name}", ".parquet"):
             path = self.path("tables", name, file)
-            try:
-                with self.fs.open_input_file(path) as handle:
-                    pq.read_table(handle, schema=SCHEMAS[name])
-            except (pa.ArrowInvalid, OSError):
-                broken.append(path)
+            with self.fs.open_input_file(path) as handle:
+                if not reads_as_parquet(handle, SCHEMAS[name]):
+                    broken.append(path)
         return broken
 
     def quarantine(self, path: str) -> list[str]:
@@ -268,26 +192,10 @@ class SweepStore:
     def pack_ids(self) -> list[str]:
         return [name[: -len(".json")] for name in self.list_files("packs", ".json")]
 
-    def write_weights(self, pack_id: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        self.write_bytes(f"weights/{pack_id}.safetensors", save_safetensors(tensors, metadata=metadata))
-
-    def read_weights(self, pack_id: str) -> dict[str, torch.Tensor]:
-        return load_safetensors(self.read_bytes(f"weights/{pack_id}.safetensors"))
-
-    def write_state(self, pack_id: str, state: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self.write_bytes(f"state/{pack_id}.pt", buffer.getvalue())
-
-    def read_state(self, pack_id: str) -> dict[str, Any] | None:
-        """The latest saved training state of a pack, or None; tensors and plain data only."""
-        if not self.exists(f"state/{pack_id}.pt"):
-            return None
-        return torch.load(io.BytesIO(self.read_bytes(f"state/{pack_id}.pt")), weights_only=True)
-
-    def delete_state(self, pack_id: str) -> None:
-        if self.exists(f"state/{pack_id}.pt"):
-            self.fs.delete_file(self.path(f"state/{pack_id}.pt"))
+    def delete(self, relative: str) -> None:
+        """Remove a published file if it exists (a pack's state once the pack is finished)."""
+        if self.exists(relative):
+            self.fs.delete_file(self.path(relative))
 
     def member_statuses(self) -> dict[str, str]:
         """member_id -> final status, from the members table."""

@@ -10,107 +10,25 @@ grouped into new packs. Each run is a new Tune experiment `tune-<n>`, and so is 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import math
 import os
-import posixpath
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 from tqdm import tqdm
 
-import nc_ray
-from nc_ray.spec import MemberConfig, SweepSpec, load_spec, parse_spec
-from nc_ray.store import PackPlan, SweepLock, SweepStore, member_record
-from nc_ray.trial import run_pack
+from nc_ray._version import __version__
+from nc_ray.config import PackPlan
+from nc_ray.planning import FINISHED, objective_value, plan_sweep, sweep_store
+from nc_ray.spec import SweepSpec, load_spec, parse_spec
+from nc_ray.store import SweepLock, SweepStore
+from nc_ray.trial import read_state, run_pack, write_state
 
 logger = logging.getLogger(__name__)
-
-MAX_AUTO_PACK_SIZE = 64
-FINISHED = ("complete", "diverged")
-
-
-@dataclass(frozen=True)
-class SweepPlan:
-    spec: SweepSpec
-    store: SweepStore
-    packs: list[PackPlan]
-    n_members: int
-    n_finished: int
-    pack_size: int
-
-
-def pack_id_of(member_ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(member_ids)).encode()).hexdigest()[:16]
-
-
-def auto_pack_size(n_members: int, slots: int) -> int:
-    """Enough packs to keep every slot busy twice over, each as large as that allows (<= 64)."""
-    return max(1, min(MAX_AUTO_PACK_SIZE, math.ceil(n_members / (2 * max(1, slots)))))
-
-
-def parallel_slots(spec: SweepSpec, cluster: dict[str, float]) -> int:
-    """How many trials of this spec's size the cluster can run at once."""
-    cpu, gpu = spec.resources.cpu, spec.resources.gpu
-    by_cpu = cluster.get("CPU", os.cpu_count() or 1) / cpu
-    by_gpu = cluster.get("GPU", 0) / gpu if gpu > 0 else math.inf
-    return max(1, int(min(by_cpu, by_gpu)))
-
-
-def plan_packs(
-    members: Sequence[MemberConfig],
-    existing: Sequence[PackPlan],
-    statuses: dict[str, str],
-    pack_size: int,
-) -> list[PackPlan]:
-    """Packs that train every member not yet finished.
-
-    An unfinished pack of an earlier run that holds any wanted member is run again whole, so
-    its rows land in the files it already started; the rest are grouped by shape and chunked.
-    """
-    wanted = {m.member_id: m for m in members if statuses.get(m.member_id) not in FINISHED}
-    packs, taken = [], set()
-    for pack in existing:
-        ids = [record["member_id"] for record in pack.members]
-        if any(statuses.get(i) not in FINISHED for i in ids) and taken.isdisjoint(ids) and any(i in wanted for i in ids):
-            packs.append(pack)
-            taken.update(ids)
-    groups: dict[tuple, list[MemberConfig]] = defaultdict(list)
-    for member_id, member in wanted.items():
-        if member_id not in taken:
-            groups[member.pack_key()].append(member)
-    for group in groups.values():
-        for start in range(0, len(group), pack_size):
-            chunk = group[start : start + pack_size]
-            ids = [m.member_id for m in chunk]
-            packs.append(PackPlan(pack_id_of(ids), [member_record(m.to_dict(), m.member_id) for m in chunk]))
-    return packs
-
-
-def sweep_store(storage: str | os.PathLike, name: str, filesystem: pafs.FileSystem | None = None) -> SweepStore:
-    """The store of sweep `name` under `storage` (a local path or URI, or a path in `filesystem`)."""
-    return SweepStore(posixpath.join(os.fspath(storage), name), filesystem)
-
-
-def plan_sweep(spec: SweepSpec, store: SweepStore, cluster: dict[str, float] | None = None) -> SweepPlan:
-    """The packs that train every member of `spec` the sweep in `store` has not finished."""
-    members = spec.members() if spec.search.mode == "grid" else []  # optuna packs are made per trial
-    statuses = store.member_statuses()
-    existing = [store.read_pack(pack_id) for pack_id in store.pack_ids()]
-    pending = [m for m in members if statuses.get(m.member_id) not in FINISHED]
-    pack_size = spec.resources.pack_size
-    if pack_size == "auto":
-        pack_size = auto_pack_size(len(pending), parallel_slots(spec, cluster or {}))
-    packs = plan_packs(members, existing, statuses, pack_size)
-    return SweepPlan(spec, store, packs, len(members), len(members) - len(pending), pack_size)
 
 
 def connect(address: str | None = None) -> None:
@@ -124,17 +42,23 @@ def connect(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
 
 
-def keep_credentials_out_of_ray_logs() -> None:
-    """Stop Tune from copying the driver's AWS credentials into every trial's runtime_env.
+@contextlib.contextmanager
+def _credentials_kept_out_of_ray_logs() -> Iterator[None]:
+    """While it lasts, Tune does not copy the driver's AWS credentials into each trial's runtime_env.
 
     Ray's runtime-env agent writes each runtime_env, values included, to its log on every node
     (ray/tune/execution/class_cache.py names the variables copied). Trials get credentials from
     their node instead: the environment Ray was started in (the embedded Ray inherits the
-    driver's), or an instance role.
+    driver's), or an instance role. Scoped, so that a caller's own Tune runs keep Tune's default.
     """
     from ray.tune.execution import class_cache
 
-    class_cache.ENV_VARS_TO_PROPAGATE -= {name for name in class_cache.ENV_VARS_TO_PROPAGATE if name.startswith("AWS_")}
+    saved = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = {name for name in saved if not name.startswith("AWS_")}
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = saved
 
 
 def cluster_resources() -> dict[str, float]:
@@ -154,43 +78,19 @@ def _tune_trainable(config: dict, *, store: SweepStore, threads: int, objective:
     pack = store.read_pack(config["pack_id"]) if "pack_id" in config else _optuna_pack(store, config)
 
     def on_checkpoint(run_state: dict, summary: dict, metric_rows: list[dict]) -> None:
-        store.write_state(pack.pack_id, run_state)
+        write_state(store, pack.pack_id, run_state)
         if objective is not None:
             summary["objective"] = objective_value(metric_rows, objective)
         tune.report(summary)
 
-    run_pack(pack, store, state=store.read_state(pack.pack_id), on_checkpoint=on_checkpoint)
-    store.delete_state(pack.pack_id)
-
-
-def objective_value(metric_rows: list[dict], objective: dict) -> float:
-    """|log10(median over members of the chosen layer metric) − log10(target)|; inf if none is finite."""
-    by_member: dict[str, list[dict]] = defaultdict(list)
-    for row in metric_rows:
-        by_member[row["member_id"]].append(row)
-    values = []
-    for rows in by_member.values():
-        layer = objective["layer"]
-        if layer == "penultimate":
-            chosen = [r for r in rows if r["layer"] == r["depth"]]
-        elif layer == "hidden":
-            chosen = [r for r in rows if 1 < r["layer"] < r["depth"]]
-        else:
-            chosen = [r for r in rows if r["layer"] == int(layer)]
-        layer_values = [r[objective["metric"]] for r in chosen if r[objective["metric"]] is not None]
-        if layer_values:
-            values.append(float(np.median(layer_values)))
-    finite = [v for v in values if np.isfinite(v) and v > 0]
-    if not finite:
-        return math.inf
-    return abs(math.log10(float(np.median(finite))) - math.log10(objective["target"]))
+    run_pack(pack, store, state=read_state(store, pack.pack_id), on_checkpoint=on_checkpoint)
+    store.delete(f"state/{pack.pack_id}.pt")
 
 
 def _optuna_pack(store: SweepStore, config: dict) -> PackPlan:
     """In optuna mode a trial's config is a point (depth, λ[, lr]); its pack is every seed there."""
     spec = parse_spec(store.read_json("resolved_spec.json"), source=store.path("resolved_spec.json"))
-    members = [spec.member(**config, seed=seed) for seed in spec.resolved()["grid"].get("seed", [spec.training.seed])]
-    pack = PackPlan(pack_id_of([m.member_id for m in members]), [member_record(m.to_dict(), m.member_id) for m in members])
+    pack = PackPlan.of([spec.member(**config, seed=seed) for seed in spec.resolved()["grid"].get("seed", [spec.training.seed])])
     store.write_pack(pack)
     return pack
 
@@ -285,11 +185,11 @@ def _record_failures(store: SweepStore, results) -> int:
         if result.error is None or "pack_id" not in (result.config or {}):
             continue
         pack = store.read_pack(result.config["pack_id"])
-        if all(statuses.get(r["member_id"]) in FINISHED for r in pack.members):
+        if all(statuses.get(m.member_id) in FINISHED for m in pack.members):
             continue
         cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError's cause is the trial's own error
         message = f"{type(cause).__name__}: {cause}"[:2000]
-        rows = [{**r, "pack_id": pack.pack_id, "status": "failed", "error": message, "nc_ray_version": nc_ray.__version__} for r in pack.members]
+        rows = [{**m.record(), "pack_id": pack.pack_id, "status": "failed", "error": message, "nc_ray_version": __version__} for m in pack.members]
         try:
             store.write_table("members", pack.pack_id, rows)
         except OSError as error:  # the storage that failed the trial may fail this write too
@@ -358,12 +258,11 @@ def _new_tune_run(store: SweepStore, spec: SweepSpec) -> str:
     """Record and name the sweep's next Tune experiment."""
     runs = _tune_runs(store)
     name = f"tune-{len(runs):03d}"
-    store.write_json("sweep.json", {"name": spec.name, "tune_runs": [*runs, name], "nc_ray_version": nc_ray.__version__})
+    store.write_json("sweep.json", {"name": spec.name, "tune_runs": [*runs, name], "nc_ray_version": __version__})
     return name
 
 
 def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *, restore: bool, show_progress: bool) -> None:
-    keep_credentials_out_of_ray_logs()
     seeds = len(spec.resolved()["grid"].get("seed", [spec.training.seed]))
     callbacks = [MemberProgress(store, seeds)] if show_progress else []
     trainable = _trainable_for(spec, store)
@@ -372,7 +271,7 @@ def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *
     else:
         param_space = {"pack_id": tune.grid_search([p.pack_id for p in packs])} if spec.search.mode == "grid" else {}
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(spec, store), run_config=_run_config(spec, store, name, callbacks))
-    with _without_tune_loggers():
+    with _without_tune_loggers(), _credentials_kept_out_of_ray_logs():
         results = tuner.fit()
     _record_failures(store, results)
 
@@ -396,33 +295,3 @@ def _without_tune_loggers() -> Iterator[None]:
             os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved_variable
 
 
-@dataclass(frozen=True)
-class SweepStatus:
-    counts: dict[str, int]  # complete, diverged, failed, running, pending
-    errors: dict[str, str]  # member_id -> error, for failed members
-    running: dict[str, tuple[int, int]]  # pack_id -> (epoch reached, epochs)
-    unreadable: list[str]  # members files that cannot be read (their packs count as unfinished)
-
-
-def sweep_status(sweep: str | SweepStore) -> SweepStatus:
-    """Members by state, from the members table, the pack definitions and progress markers."""
-    store = sweep if isinstance(sweep, SweepStore) else SweepStore(sweep)
-    table, unreadable = store.read_table_checked("members", ["member_id", "status", "error"])
-    statuses = dict(zip(table["member_id"].to_pylist(), table["status"].to_pylist()))
-    errors = {m: e for m, s, e in zip(table["member_id"].to_pylist(), table["status"].to_pylist(), table["error"].to_pylist()) if s == "failed"}
-    counts = {state: 0 for state in ("complete", "diverged", "failed", "running", "pending")}
-    running = {}
-    for pack_id in store.pack_ids():
-        pack = store.read_pack(pack_id)
-        open_members = [r for r in pack.members if statuses.get(r["member_id"]) is None]
-        if not open_members:
-            continue
-        if store.exists(f"progress/{pack_id}.json"):
-            progress = store.read_json(f"progress/{pack_id}.json")
-            running[pack_id] = (progress["epoch"], progress["epochs"])
-            counts["running"] += len(open_members)
-        else:
-            counts["pending"] += len(open_members)
-    for status in statuses.values():
-        counts[status] += 1
-    return SweepStatus(counts, errors, running, unreadable)

@@ -1,23 +1,30 @@
 """Training of a pack: SGD with momentum and per-member coupled L2, read top to bottom.
 
 Each member minimizes its own F_λ(θ) = (1/N) Σ_i ℓ(f(x_i), y_i) + (λ/2) Σ_l ||W_l||_F² with
-its own learning rate, weight decay and data order (from its seed). The update is torch's
-SGD with coupled weight decay on weights only (biases are not decayed):
-    d = ∇ℓ_batch + λ W;   buf = momentum · buf + d;   W ← W − lr · buf.
-A member whose loss or weights stop being finite is frozen and flagged; the others go on.
+its own learning rate (and lr schedule), weight decay and data order (from its seed). The
+update is torch's SGD with coupled weight decay on weights only (biases are not decayed):
+    d = ∇ℓ_batch + λ W;   buf = momentum · buf + d;   W ← W − lr_e · buf,
+with lr_e = lr · factor(e) in epoch e (as torch's LambdaLR stepped once per epoch).
+A member whose loss or weights stop being finite is frozen and flagged as diverged; a member
+that `stop`s (its stop rule met at an evaluation) is frozen too. The others go on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from nc_ray.config import LOSSES
 from nc_ray.models import PackedNetwork, data_order_generator
 
-LOSSES = ("ce", "mse")
+LrFactor = Callable[[int], float]
+
+
+def _constant(epoch: int) -> float:
+    return 1.0
 
 
 def default_device() -> torch.device:
@@ -53,12 +60,14 @@ class PackTrainer:
         loss: str,
         batch_size: int | None,
         momentum: float = 0.0,
+        lr_factors: Sequence[LrFactor] | None = None,
         device: torch.device | str | None = None,
     ):
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r}: expected one of {list(LOSSES)}")
         size = model.size
-        for name, values in (("learning_rates", learning_rates), ("weight_decays", weight_decays), ("seeds", seeds)):
+        lr_factors = list(lr_factors) if lr_factors is not None else [_constant] * size
+        for name, values in (("learning_rates", learning_rates), ("weight_decays", weight_decays), ("seeds", seeds), ("lr_factors", lr_factors)):
             if len(values) != size:
                 raise ValueError(f"{name} has {len(values)} entries for a pack of {size} members")
         self.device = torch.device(device) if device is not None else default_device()
@@ -69,6 +78,8 @@ class PackTrainer:
         self.batch_size = batch_size or len(x)
         self.momentum = momentum
         dtype = model.weights[0].dtype
+        self.base_learning_rates = list(learning_rates)
+        self.lr_factors = lr_factors
         self.learning_rates = torch.tensor(learning_rates, dtype=dtype, device=self.device)
         self.weight_decays = torch.tensor(weight_decays, dtype=dtype, device=self.device)
         self.generators = [data_order_generator(seed) for seed in seeds]
@@ -77,11 +88,14 @@ class PackTrainer:
         self.momentum_buffers = [torch.zeros_like(p) for p in self.parameters]
         self.active = torch.ones(size, dtype=torch.bool, device=self.device)
         self.diverged_epoch = torch.full((size,), -1, dtype=torch.long, device=self.device)
+        self.stopped_epoch = torch.full((size,), -1, dtype=torch.long, device=self.device)
         self.epoch = 0
         self.last_epoch_loss = torch.full((size,), float("nan"), dtype=dtype, device=self.device)
 
     def train_epoch(self) -> None:
-        """One pass over the data in each member's own order."""
+        """One pass over the data in each member's own order, at each member's lr of this epoch."""
+        rates = [lr * factor(self.epoch) for lr, factor in zip(self.base_learning_rates, self.lr_factors)]
+        self.learning_rates.copy_(torch.tensor(rates, dtype=self.learning_rates.dtype))
         n = len(self.x)
         order = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
         loss_sum = torch.zeros_like(self.learning_rates)
@@ -115,15 +129,29 @@ class PackTrainer:
         self.diverged_epoch = torch.where(newly, self.epoch, self.diverged_epoch)
         self.active &= ~failed
 
+    def _mask(self, indices: Sequence[int]) -> torch.Tensor:
+        mask = torch.zeros_like(self.active)
+        mask[list(indices)] = True
+        return mask
+
     def mark_diverged(self, indices: Sequence[int]) -> None:
         """Freeze members found non-finite outside training (e.g. by an evaluation)."""
-        failed = torch.zeros_like(self.active)
-        failed[list(indices)] = True
-        self._freeze(failed)
+        self._freeze(self._mask(indices))
+
+    def stop(self, indices: Sequence[int]) -> None:
+        """Freeze members that are done (their stop rule met): their weights stay as they are now."""
+        newly = self._mask(indices) & self.active
+        self.stopped_epoch = torch.where(newly, self.epoch, self.stopped_epoch)
+        self.active &= ~newly
 
     @property
     def diverged(self) -> list[bool]:
-        return (~self.active).tolist()
+        return (self.diverged_epoch >= 0).tolist()
+
+    @property
+    def done(self) -> bool:
+        """No member is still training."""
+        return not bool(self.active.any())
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit: parameters, momentum, data-order RNG, epoch."""
@@ -133,6 +161,7 @@ class PackTrainer:
             "generators": [g.get_state() for g in self.generators],
             "active": self.active.cpu(),
             "diverged_epoch": self.diverged_epoch.cpu(),
+            "stopped_epoch": self.stopped_epoch.cpu(),
             "last_epoch_loss": self.last_epoch_loss.cpu(),
             "epoch": self.epoch,
         }
@@ -147,5 +176,7 @@ class PackTrainer:
             generator.set_state(saved)
         self.active = state["active"].to(self.device)
         self.diverged_epoch = state["diverged_epoch"].to(self.device)
+        # States saved by version 1 have no stop rule: no member was stopped.
+        self.stopped_epoch = state.get("stopped_epoch", torch.full_like(self.diverged_epoch, -1)).to(self.device)
         self.last_epoch_loss = state["last_epoch_loss"].to(self.device)
         self.epoch = int(state["epoch"])

@@ -14,28 +14,41 @@ from nc_ray.spec import load_spec
 LONG = {"training.epochs": 1500, "metrics.every": 100}  # long enough to be killed mid-run
 
 
-def expected_keys(spec_path) -> set[tuple[str, int, int]]:
+def expected_keys(spec_path, last_epoch: dict[str, int] | None = None) -> set[tuple[str, int, int]]:
+    """Every (member, evaluation epoch, layer) row of the spec's members; a member in `last_epoch`
+    (stopped by its stop rule) has rows up to that epoch only."""
     return {
         (m.member_id, epoch, layer)
         for m in load_spec(spec_path).members()
         for epoch in m.evaluation_epochs()
+        if epoch <= (last_epoch or {}).get(m.member_id, epoch)
         for layer in range(1, m.depth + 1)
     }
 
 
 def table_keys(sweep: Path, table: str) -> list[tuple[str, int, int]]:
     rows = duckdb.connect().execute(
-        f"SELECT member_id, epoch, layer FROM read_parquet('{sweep}/tables/{table}/*.parquet')"
+        f"SELECT member_id, epoch, layer FROM read_parquet('{sweep}/tables/{table}/*.parquet', union_by_name = true)"
     ).fetchall()
     return [tuple(r) for r in rows]
 
 
 def assert_exactly_once(sweep: Path, spec_path) -> None:
-    expected = expected_keys(spec_path)
+    """Every expected row exactly once, all members complete, and on every metrics row the
+    certificate's invariant dist_k <= b0_perp <= b0."""
+    con = duckdb.connect()
+    stopped = dict(con.execute(
+        f"SELECT member_id, stopped_epoch FROM read_parquet('{sweep}/tables/members/*.parquet', union_by_name = true) "
+        "WHERE stopped_epoch IS NOT NULL").fetchall())
+    expected = expected_keys(spec_path, stopped)
     for table in ("metrics", "spectra"):
         keys = table_keys(sweep, table)
         assert len(keys) == len(set(keys)), f"duplicated rows in {table}"
         assert set(keys) == expected, f"{table}: missing {len(expected - set(keys))}, extra {len(set(keys) - expected)}"
+    violations = con.execute(
+        f"SELECT count(*) FROM read_parquet('{sweep}/tables/metrics/*.parquet', union_by_name = true) "  # v1 rows: no b0_perp
+        "WHERE NOT bound_ok OR NOT coalesce(bound_perp_ok AND b0_perp <= b0 * (1 + 1e-12), true)").fetchone()[0]
+    assert violations == 0, f"{violations} metrics rows break dist_k <= b0_perp <= b0"
     statuses = duckdb.connect().execute(
         f"SELECT member_id, status FROM read_parquet('{sweep}/tables/members/*.parquet')"
     ).fetchall()

@@ -26,7 +26,7 @@ import nc_ray.sweep
 from nc_ray.analysis import PhaseThresholds
 from nc_ray.cli import SWEEP_MARKERS, main
 from nc_ray.spec import load_spec
-from nc_ray.store import CONFIG_COLUMNS, SCHEMAS
+from nc_ray.schema import CONFIG_COLUMNS, SCHEMAS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = 75  # per property

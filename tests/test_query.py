@@ -16,7 +16,9 @@ import pytest
 
 from nc_ray.cli import main
 from nc_ray.query import QueryError, open_sweep
-from nc_ray.store import SCHEMAS, PackPlan, SweepStore, member_record
+from nc_ray.config import MemberConfig, PackPlan
+from nc_ray.schema import SCHEMAS
+from nc_ray.store import SweepStore
 
 K = 3
 WIDTH = 4
@@ -28,7 +30,6 @@ EPOCHS = (0, 10)
 DIVERGED = (1e-2, 3, 3)  # (weight_decay, depth, seed): rows at epoch 0 only, status diverged
 FAILED = (1e-1, 2, 3)  # no metrics rows, status failed
 UNFINISHED = (1e-3, 2, 3)  # planned, rows at epoch 0, no members row yet
-FALSE_BOUND = ("2-0.001-0", 10, 1)  # (member_id, epoch, layer) of the one row with bound_ok false
 EXPECTED_PHASES = {
     (1e-1, 3): "trivial",  # train accuracy 0.2 <= 1/3 + 0.05
     (1e-1, 2): "trivial",  # sigma_1 ~ 1e-5
@@ -39,13 +40,17 @@ EXPECTED_PHASES = {
 }
 
 
-def _config(depth: int, decay: float, seed: int) -> dict:
-    return {
-        "dataset": "gaussian", "dataset_params": {"n_classes": K, "dim": 5}, "n_per_class": None, "standardize": True,
-        "arch": "mlp", "width": WIDTH, "depth": depth, "activation": "relu", "bias": False, "loss": "ce", "lr": 0.1,
-        "momentum": 0.0, "batch_size": 8, "epochs": EPOCHS[-1], "weight_decay": decay, "seed": seed,
-        "metric_every": 10, "metric_initial": True, "metric_subset_per_class": None,
-    }
+def member(depth: int, decay: float, seed: int) -> MemberConfig:
+    return MemberConfig(
+        dataset="gaussian", dataset_params={"n_classes": K, "dim": 5}, n_per_class=None, standardize=True,
+        arch="mlp", width=WIDTH, depth=depth, activation="relu", bias=False, loss="ce", lr=0.1,
+        momentum=0.0, batch_size=8, epochs=EPOCHS[-1], weight_decay=decay, seed=seed,
+        metric_every=10, metric_initial=True, metric_subset_per_class=None,
+    )
+
+
+FALSE_BOUND = (member(2, 1e-3, 0).member_id, 10, 1)  # (member_id, epoch, layer) of the one row with bound_ok false
+KEYS = ("member_id", "pack_id", "dataset", "arch", "depth", "width", "loss", "weight_decay", "lr", "seed")
 
 
 def _rows(record: dict, epoch: int, rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
@@ -59,7 +64,7 @@ def _rows(record: dict, epoch: int, rng: np.random.Generator) -> tuple[list[dict
         hidden = layer < depth and (layer > 1 or depth <= 2)
         collapsed = record["weight_decay"] == 1e-2
         row = {
-            **record, "epoch": epoch, "layer": layer,
+            **{k: record[k] for k in KEYS}, "epoch": epoch, "layer": layer,
             "train_acc": train_acc, "test_acc": rng.uniform(0.3, 1), "train_loss": rng.uniform(0, 1), "test_loss": rng.uniform(0, 2),
             "sv_max": 1e-5 * rng.uniform(1, 2) if cell == (1e-1, 2) else rng.uniform(0.5, 2),
             "rank_rel_1e2": (int(rng.integers(1, K + 1)) if collapsed else int(rng.integers(10, 30))) if hidden else K,
@@ -70,7 +75,7 @@ def _rows(record: dict, epoch: int, rng: np.random.Generator) -> tuple[list[dict
         }
         metrics.append(row)
         size = K if layer == depth else WIDTH
-        spectra.append({**record, "epoch": epoch, "layer": layer, "singular_values": sorted(rng.uniform(0.1, 2, size), reverse=True)})
+        spectra.append({**{k: record[k] for k in KEYS}, "epoch": epoch, "layer": layer, "singular_values": sorted(rng.uniform(0.1, 2, size), reverse=True)})
     return metrics, spectra
 
 
@@ -81,11 +86,12 @@ def build_sweep(directory: Path, seed: int = 0) -> Path:
     store = SweepStore(str(directory))
     grid = [(d, w, s) for d in DEPTHS for w in DECAYS for s in SEEDS]
     extra = [(d, w, s) for w, d, s in (DIVERGED, FAILED, UNFINISHED)]
-    records = [member_record(_config(d, w, s), f"{d}-{w}-{s}") for d, w, s in grid + extra]
-    store.write_pack(PackPlan(pack_id="p0", members=records))
-    status = {f"{d}-{w}-{s}": "complete" for d, w, s in grid}
-    status[f"{DIVERGED[1]}-{DIVERGED[0]}-{DIVERGED[2]}"] = "diverged"
-    status[f"{FAILED[1]}-{FAILED[0]}-{FAILED[2]}"] = "failed"
+    configs = [member(d, w, s) for d, w, s in grid + extra]
+    records = [m.record() for m in configs]
+    store.write_pack(PackPlan("p0", tuple(configs)))
+    status = {member(d, w, s).member_id: "complete" for d, w, s in grid}
+    status[member(DIVERGED[1], DIVERGED[0], DIVERGED[2]).member_id] = "diverged"
+    status[member(FAILED[1], FAILED[0], FAILED[2]).member_id] = "failed"
     last = {"complete": EPOCHS[-1], "diverged": 0, "failed": None, None: 0}
     for epoch in EPOCHS:
         metrics, spectra = [], []
@@ -130,7 +136,7 @@ def test_filters_select_rows_and_reject_unknown_columns(sweep_dir):
         table = sweep.metrics(["member_id", "layer"], depth=3, layer=[1, 3], epoch=10)
         assert table.column_names == ["member_id", "layer"]
         assert table.num_rows == 9 * 2 and set(table["layer"].to_pylist()) == {1, 3}
-        assert sweep.members(status="failed")["member_id"].to_pylist() == ["2-0.1-3"]
+        assert sweep.members(status="failed")["member_id"].to_pylist() == [member(FAILED[1], FAILED[0], FAILED[2]).member_id]
         assert sweep.members(error=None).num_rows == 20
         with pytest.raises(QueryError, match="no column"):
             sweep.metrics(nonsense=1)

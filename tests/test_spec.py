@@ -14,7 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nc_ray.spec import MemberConfig, SpecError, SweepSpec, load_spec, parse_spec
+from nc_ray.config import MemberConfig
+from nc_ray.spec import SpecError, SweepSpec, load_spec, parse_spec
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 JOB_FILES = sorted(JOBS.glob("*.yaml"))
@@ -175,6 +176,8 @@ def test_member_id_is_pinned() -> None:
     assert member().member_id == "f6eb97d3fb2c8748"
     assert member(weight_decay=0).member_id == member(weight_decay=0.0).member_id
     assert member(dataset_params={"n_classes": 3, "dim": 8}) == member()
+    # Version-2 fields at their defaults leave version-1 ids unchanged.
+    assert member(lr_schedule="constant", lr_warmup_epochs=0, stop_stationarity=None).member_id == "f6eb97d3fb2c8748"
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(MemberConfig)])
@@ -182,7 +185,9 @@ def test_member_id_changes_with_every_field(field: str) -> None:
     other = {"dataset": "digits", "dataset_params": (("dim", 9), ("n_classes", 3)), "n_per_class": 5,
              "standardize": False, "arch": "resmlp", "width": 9, "depth": 4, "activation": "tanh", "bias": True,
              "loss": "mse", "lr": 0.051, "momentum": 0.0, "batch_size": None, "epochs": 7, "weight_decay": 2e-3,
-             "seed": 1, "metric_every": 2, "metric_initial": False, "metric_subset_per_class": 4}
+             "seed": 1, "metric_every": 2, "metric_initial": False, "metric_subset_per_class": 4,
+             "lr_schedule": "cosine", "lr_milestones": (3,), "lr_gamma": 0.5, "lr_floor": 0.1, "lr_warmup_epochs": 2,
+             "stop_stationarity": 1e-2}
     changed = member(**{field: other[field]})
     assert changed.member_id != member().member_id
     assert MemberConfig.from_dict(changed.to_dict()) == changed

@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nc_ray.store import SCHEMA_VERSION, PackPlan, SweepStore, rows_to_table
+from nc_ray.config import PackPlan
+from nc_ray.schema import SCHEMA_VERSION, rows_to_table
+from nc_ray.store import SweepStore
 
 
 @pytest.fixture(params=["local", "mock"])
@@ -42,22 +44,41 @@ def test_published_files_carry_the_schema_version(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_packs_weights_and_state(store):
-    pack = PackPlan("abc", [{"member_id": "m1", "seed": 0}])
+def test_packs_round_trip_typed(store):
+    from tests.test_spec import member
+
+    pack = PackPlan.of([member(seed=0), member(seed=1)])
     store.write_pack(pack)
-    assert store.pack_ids() == ["abc"] and store.read_pack("abc") == pack
-    store.write_weights("abc", {"m1/W1": torch.eye(3)}, {"pack_id": "abc"})
-    assert torch.equal(store.read_weights("abc")["m1/W1"], torch.eye(3))
-    assert store.read_state("abc") is None
-    store.write_state("abc", {"epoch": 4, "tensor": torch.arange(3)})
-    assert store.read_state("abc")["epoch"] == 4
-    store.delete_state("abc")
-    assert store.read_state("abc") is None
+    assert store.pack_ids() == [pack.pack_id] and store.read_pack(pack.pack_id) == pack
+    store.delete(f"packs/{pack.pack_id}.json")
+    assert store.pack_ids() == []
 
 
-def test_rows_to_table_rejects_wrong_types():
+def test_weights_and_state_round_trip(store):
+    from nc_ray.trial import read_state, read_weights, write_state, write_weights
+
+    write_weights(store, "abc", {"m1/W1": torch.eye(3)})
+    assert torch.equal(read_weights(store, "abc")["m1/W1"], torch.eye(3))
+    assert read_state(store, "abc") is None
+    write_state(store, "abc", {"epoch": 4, "tensor": torch.arange(3)})
+    assert read_state(store, "abc")["epoch"] == 4
+
+
+def test_rows_to_table_rejects_wrong_types_and_unknown_columns():
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
         rows_to_table("metrics", [{"member_id": "m", "epoch": "three"}])
+    with pytest.raises(ValueError, match="no column.*momentum"):
+        rows_to_table("metrics", [{"member_id": "m", "momentum": 0.9}])
+
+
+def test_every_config_field_is_a_column_of_members_and_planned():
+    import dataclasses
+
+    from nc_ray.config import MemberConfig
+    from nc_ray.schema import PLANNED_SCHEMA, SCHEMAS
+
+    for field in dataclasses.fields(MemberConfig):
+        assert field.name in SCHEMAS["members"].names and field.name in PLANNED_SCHEMA.names, field.name
 
 
 def test_doctor_lists_and_quarantines_damaged_files(tmp_path, capsys):

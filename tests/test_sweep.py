@@ -13,7 +13,8 @@ import nc_ray
 from nc_ray.metrics import member_metrics
 from nc_ray.spec import load_spec
 from nc_ray.store import SweepBusyError, SweepLock, SweepStore
-from nc_ray.sweep import resume_sweep, run_sweep, sweep_status
+from nc_ray.planning import sweep_status
+from nc_ray.sweep import resume_sweep, run_sweep
 from tests.sweep_checks import (
     LONG,
     assert_exactly_once,
@@ -207,3 +208,42 @@ def test_a_damaged_members_file_is_reported_and_healed_by_resume(ray_address, tm
     assert sweep_status(str(sweep)).unreadable == []
     assert json.loads((sweep / "sweep.json").read_text())["tune_runs"] == ["tune-000", "tune-001"]
     assert_exactly_once(sweep, spec_path)
+
+
+def test_schedule_and_stop_rule_killed_and_resumed_give_the_rows_of_an_uninterrupted_run(ray_address, tmp_path, job_file):
+    """A cosine schedule with warm-up and a stop rule that stops some members early (λ = 1e-2 ones
+    reach stationarity 0.45 at different evaluations; λ = 1e-3 ones never do): the driver killed
+    mid-run, then `nc-ray resume`, ends with exactly the rows of a run never interrupted."""
+    changes = {**LONG, "training.schedule": {"kind": "cosine", "warmup_epochs": 10}, "training.stop": {"stationarity": 0.45}}
+    straight = job_file("smoke", name="straight", **changes)
+    run_sweep(straight, tmp_path, show_progress=False)
+    killed = job_file("smoke", name="killed", **changes)
+    sweep = tmp_path / "killed"
+    driver = nc_ray_cli("sweep", str(killed), "--storage", str(tmp_path), "--address", ray_address)
+    try:
+        wait_for_progress(sweep, 500)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.communicate(timeout=60)
+    assert sweep_status(str(sweep)).counts["complete"] < 8
+    resume = nc_ray_cli("resume", str(sweep), "--address", ray_address)
+    out, _ = resume.communicate(timeout=300)
+    assert resume.returncode == 0, out
+
+    def rows(name: str, table: str) -> list[tuple]:
+        con = duckdb.connect()
+        result = con.execute(f"SELECT * EXCLUDE (pack_id) FROM read_parquet('{tmp_path / name}/tables/{table}/*.parquet') ORDER BY ALL")
+        return result.fetchall()
+
+    for table in ("metrics", "spectra"):
+        assert rows("killed", table) == rows("straight", table), table
+    members = duckdb.connect().execute(
+        f"SELECT member_id, weight_decay, stopped_epoch, final_epoch, epochs_run FROM read_parquet('{sweep}/tables/members/*.parquet')"
+    ).fetchall()
+    stopped = [m for m in members if m[2] is not None]
+    assert stopped and all(m[1] == 1e-2 and m[2] == m[3] == m[4] < 1500 for m in stopped)
+    assert all(m[3] == 1500 for m in members if m[1] == 1e-3)
+    last_epochs = dict(duckdb.connect().execute(
+        f"SELECT member_id, max(epoch) FROM read_parquet('{sweep}/tables/metrics/*.parquet') GROUP BY ALL").fetchall())
+    assert all(last_epochs[m[0]] == m[3] for m in members)  # no rows after a member stopped
+    assert_exactly_once(sweep, killed)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nc_ray.config import MemberConfig
 from nc_ray.models import Architecture, PackedNetwork, build_model, data_order_generator
 from nc_ray.train import PackTrainer, per_sample_loss
 
@@ -15,13 +16,15 @@ def clusters(n_classes=4, dim=12, per_class=30, seed=0, dtype=torch.float32):
     return x.to(dtype), y
 
 
-def train_alone(spec, seed, x, y, *, lr, weight_decay, loss, batch_size, momentum, epochs, dtype):
-    """Reference: a plain module, torch.optim.SGD with coupled L2 on weights only."""
+def train_alone(spec, seed, x, y, *, lr, weight_decay, loss, batch_size, momentum, epochs, dtype, lr_factor=None):
+    """Reference: a plain module, torch.optim.SGD with coupled L2 on weights only, and the lr
+    schedule as torch's LambdaLR stepped once per epoch."""
     model = build_model(**vars(spec), seed=seed).to(dtype)
     groups = [{"params": model.weight_matrices(), "weight_decay": weight_decay}]
     if spec.bias:
         groups.append({"params": model.bias_vectors(), "weight_decay": 0.0})
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor or (lambda epoch: 1.0))
     order = data_order_generator(seed)
     for _ in range(epochs):
         permutation = torch.randperm(len(x), generator=order)
@@ -30,7 +33,23 @@ def train_alone(spec, seed, x, y, *, lr, weight_decay, loss, batch_size, momentu
             optimizer.zero_grad()
             per_sample_loss(model(x[batch]), y[batch], loss).mean().backward()
             optimizer.step()
+        scheduler.step()
     return model
+
+
+def schedule(kind: str, **values) -> MemberConfig:
+    """A member whose only role here is its lr schedule over 6 epochs (`MemberConfig.lr_factor`)."""
+    from tests.test_spec import member
+
+    return member(epochs=6, lr_schedule=kind, **values)
+
+
+SCHEDULES = [
+    schedule("constant"),
+    schedule("step", lr_milestones=(1, 3), lr_gamma=0.5),
+    schedule("cosine", lr_floor=0.1),
+    schedule("cosine", lr_floor=0.0, lr_warmup_epochs=2),
+]
 
 
 CASES = [
@@ -48,8 +67,10 @@ def test_pack_equals_members_trained_alone(arch, activation, bias, loss, momentu
     spec = Architecture(arch, x.shape[1], 16, 4, 4, activation, bias)
     seeds, lrs, decays = [3, 3, 7, 11], [0.03, 0.01, 0.03, 0.02], [1e-3, 1e-2, 1e-1, 0.0]
     pack = PackedNetwork(spec, seeds).to(dtype)
+    # Each member its own schedule: the schedule is per member, as lr is.
+    factors = [m.lr_factor for m in SCHEDULES]
     trainer = PackTrainer(
-        pack, x, y, learning_rates=lrs, weight_decays=decays, seeds=seeds,
+        pack, x, y, learning_rates=lrs, weight_decays=decays, seeds=seeds, lr_factors=factors,
         loss=loss, batch_size=32, momentum=momentum, device="cpu",
     )
     for _ in range(4):
@@ -58,7 +79,7 @@ def test_pack_equals_members_trained_alone(arch, activation, bias, loss, momentu
     for index, seed in enumerate(seeds):
         alone = train_alone(
             spec, seed, x, y, lr=lrs[index], weight_decay=decays[index], loss=loss,
-            batch_size=32, momentum=momentum, epochs=4, dtype=dtype,
+            batch_size=32, momentum=momentum, epochs=4, dtype=dtype, lr_factor=factors[index],
         )
         packed = pack.member(index)
         for w_alone, w_packed in zip(alone.parameters(), packed.parameters()):
@@ -99,10 +120,38 @@ def test_divergence_freezes_only_that_member():
     assert torch.isfinite(trainer.last_epoch_loss[[0, 2]]).all()
 
 
+def test_lr_factors_of_the_schedules():
+    constant, step, cosine, warm = SCHEDULES
+    assert [constant.lr_factor(e) for e in range(6)] == [1.0] * 6
+    assert [step.lr_factor(e) for e in range(6)] == [1.0, 0.5, 0.5, 0.25, 0.25, 0.25]
+    assert cosine.lr_factor(0) == 1.0 and cosine.lr_factor(3) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine.lr_factor(6) == pytest.approx(0.1)  # the floor, reached after the last epoch
+    assert [warm.lr_factor(e) for e in range(3)] == [0.5, 1.0, 1.0]  # warm-up, then the cosine from its top
+    assert warm.lr_factor(4) == pytest.approx(0.5)
+
+
+def test_stopped_members_are_frozen_and_the_rest_train_on():
+    x, y = clusters()
+    spec = Architecture("mlp", x.shape[1], 16, 3, 4)
+    trainer = PackTrainer(PackedNetwork(spec, [0, 1, 2]), x, y, learning_rates=[0.05] * 3, weight_decays=[1e-3] * 3,
+                          seeds=[0, 1, 2], loss="ce", batch_size=32, momentum=0.9, device="cpu")
+    trainer.train_epoch()
+    trainer.stop([1])
+    frozen = [w[1].clone() for w in trainer.model.weights]
+    moving = [w[0].clone() for w in trainer.model.weights]
+    trainer.train_epoch()
+    assert all(torch.equal(w[1], f) for w, f in zip(trainer.model.weights, frozen))
+    assert not torch.equal(trainer.model.weights[0][0], moving[0])
+    assert trainer.stopped_epoch.tolist() == [-1, 1, -1] and trainer.diverged == [False] * 3 and not trainer.done
+    trainer.stop([0, 2])
+    assert trainer.done
+
+
 def test_state_round_trip_continues_exactly():
     x, y = clusters()
     spec = Architecture("mlp", x.shape[1], 16, 3, 4, bias=True)
-    kwargs = dict(learning_rates=[0.05, 0.1], weight_decays=[1e-3, 1e-2], seeds=[4, 5], loss="ce", batch_size=16, momentum=0.9, device="cpu")
+    kwargs = dict(learning_rates=[0.05, 0.1], weight_decays=[1e-3, 1e-2], seeds=[4, 5], loss="ce", batch_size=16, momentum=0.9, device="cpu",
+                  lr_factors=[SCHEDULES[1].lr_factor, SCHEDULES[3].lr_factor])
     straight = PackTrainer(PackedNetwork(spec, [4, 5]), x, y, **kwargs)
     for _ in range(5):
         straight.train_epoch()

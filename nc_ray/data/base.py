@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the tensors are made by load_dataset, which imports torch when it runs
+    import torch
 
 
 class DatasetError(ValueError):

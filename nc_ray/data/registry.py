@@ -6,7 +6,6 @@ import inspect
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from nc_ray.data.base import Arrays, Dataset, is_int, require
 from nc_ray.data.cifar import cifar10
@@ -113,6 +112,8 @@ def load_dataset(
         x_train, x_test = _standardize(x_train, x_test)
     if flatten:
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+
+    import torch  # here, so that validating a spec against the registry does not import torch
 
     def tensor(x: np.ndarray, dtype: np.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nc_ray.sweep import sweep_status
+from nc_ray.planning import sweep_status
 from tests.sweep_checks import LONG, assert_exactly_once, nc_ray_cli, wait_for_progress
 
 DRIVER = Path(__file__).with_name("driver.py")

@@ -5,7 +5,8 @@ import errno
 
 import pytest
 
-from nc_ray.sweep import resume_sweep, run_sweep, sweep_status
+from nc_ray.planning import sweep_status
+from nc_ray.sweep import resume_sweep, run_sweep
 from tests.faults.failing_fs import failing_filesystem
 from tests.sweep_checks import assert_exactly_once, table_keys
 
