@@ -11,16 +11,20 @@ axes (default x = weight_decay, y = depth), in a single DuckDB query:
    2..L-1 (layer 1 when L = 2), "penultimate" = layer L (whose input is the penultimate features,
    the rows carrying nc2..nc4), "all", or a layer number.
 3. Per cell: median, 25% and 75% quantiles over members (`<metric>_median`, `_q25`, `_q75`;
-   continuous quantiles, as numpy's default), and the phase of SCIENCE.md from the medians over
-   members of these per-member values, each with its own fixed layers whatever `layers` says:
+   continuous quantiles, as numpy's default), and the phase of docs/science.md from the medians
+   over members of these per-member values, each with its own fixed layers whatever `layers` says:
      phase_train_acc  train accuracy
      phase_sv_max     sv_max, median over all layers: the reading of "sigma_1 -> 0"
      phase_tcv_rel    tcv_rel of layer L (penultimate features)
      phase_rank_rel   rank_rel_1e2, median over the hidden layers (as in 2.)
-   trivial             phase_train_acc <= 1/K + trivial_acc_margin or phase_sv_max <= trivial_sv_max
-   collapsed_low_rank  phase_train_acc >= collapsed_acc, phase_tcv_rel <= collapsed_tcv_rel and
-                       phase_rank_rel <= collapsed_rank_per_class * K
+   Two properties: DNC1 = phase_train_acc >= collapsed_acc and phase_tcv_rel <= collapsed_tcv_rel;
+   low rank = phase_rank_rel <= low_rank_per_class * K. The classes, first match wins:
+   trivial             phase_train_acc <= 1/K + trivial_acc_margin or phase_sv_max < trivial_sv_max
+   collapsed_low_rank  DNC1 and low rank (the paper's regime)
+   collapsed           DNC1, not low rank
+   low_rank            low rank without DNC1
    not_collapsed       every other cell with a complete member (null phase: no complete member)
+   `rank_below_dnc` flags cells whose phase_rank_rel < K − 1: fewer directions than DNC needs.
 K comes from each member's dataset and dataset_params (`nc_ray.data.n_classes_of`; the metrics
 table has no class count). `n_configs` counts the distinct configs (all config columns but x, y
 and seed) pooled in a cell: more than 1 means other axes are mixed in, select a slice first.
@@ -54,7 +58,7 @@ from nc_ray.theory import LABEL, class_mean_radius, critical_weight_decay, forec
 if TYPE_CHECKING:  # duckdb is imported by the functions that query, keeping `nc-ray --help` light
     from nc_ray.query import Sweep
 
-PHASES = ("trivial", "collapsed_low_rank", "not_collapsed")
+PHASES = ("trivial", "collapsed_low_rank", "collapsed", "low_rank", "not_collapsed")
 DEFAULT_METRICS = (
     "train_acc", "test_acc", "sv_max", "rank_rel_1e2", "stable_rank", "dist_k_rel", "tcv_rel", "nc1", "bound_ratio",
 )
@@ -73,7 +77,7 @@ class PhaseThresholds:
     trivial_sv_max: float = 1e-3
     collapsed_acc: float = 0.99
     collapsed_tcv_rel: float = 1e-2
-    collapsed_rank_per_class: float = 1.0
+    low_rank_per_class: float = 1.0
 
     def __post_init__(self) -> None:
         for name, value in self.as_dict().items():
@@ -180,6 +184,12 @@ cell_values AS (
         median(phase_tcv_rel) AS phase_tcv_rel, median(phase_rank_rel) AS phase_rank_rel
     FROM member_values GROUP BY ALL
 ),
+cell_properties AS (
+    SELECT *,
+        coalesce(phase_train_acc >= {t.collapsed_acc!r} AND phase_tcv_rel <= {t.collapsed_tcv_rel!r}, false) AS dnc1,
+        coalesce(phase_rank_rel <= {t.low_rank_per_class!r} * n_classes, false) AS low_rank
+    FROM cell_values
+),
 counts AS (
     SELECT x, y,
         count(*) FILTER (WHERE status = 'complete') AS n_complete,
@@ -199,14 +209,16 @@ SELECT {epoch_key}x AS {qx}, y AS {qy},
     s.n_classes,
     CASE
         WHEN s.n_classes IS NULL THEN NULL
-        WHEN s.phase_train_acc <= 1.0 / s.n_classes + {t.trivial_acc_margin!r} OR s.phase_sv_max <= {t.trivial_sv_max!r} THEN 'trivial'
-        WHEN s.phase_train_acc >= {t.collapsed_acc!r} AND s.phase_tcv_rel <= {t.collapsed_tcv_rel!r}
-            AND s.phase_rank_rel <= {t.collapsed_rank_per_class!r} * s.n_classes THEN 'collapsed_low_rank'
+        WHEN s.phase_train_acc <= 1.0 / s.n_classes + {t.trivial_acc_margin!r} OR s.phase_sv_max < {t.trivial_sv_max!r} THEN 'trivial'
+        WHEN s.dnc1 AND s.low_rank THEN 'collapsed_low_rank'
+        WHEN s.dnc1 THEN 'collapsed'
+        WHEN s.low_rank THEN 'low_rank'
         ELSE 'not_collapsed'
     END AS phase,
+    s.phase_rank_rel < s.n_classes - 1 AS rank_below_dnc,
     s.phase_train_acc, s.phase_sv_max, s.phase_tcv_rel, s.phase_rank_rel,
     {metric_columns}
-FROM counts FULL JOIN plan USING (x, y) LEFT JOIN cell_values s USING (x, y)
+FROM counts FULL JOIN plan USING (x, y) LEFT JOIN cell_properties s USING (x, y)
 ORDER BY {qy}, {epoch_key}{qx}
 """
     params = [value for row in class_counts for value in row]
@@ -248,7 +260,7 @@ def write_aggregate(sweep_dir: str, table: pa.Table) -> str:
     return store.path(relative)
 
 
-PHASE_LETTERS = {"trivial": "T", "collapsed_low_rank": "C", "not_collapsed": "N", None: "."}
+PHASE_LETTERS = {"trivial": "T", "collapsed_low_rank": "C+L", "collapsed": "C", "low_rank": "L", "not_collapsed": "N", None: "."}
 
 
 def phase_grid_text(table: pa.Table) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nc_ray.spec import SpecError, load_spec
-from nc_ray.store import SweepBusyError, SweepStore
+from nc_ray.store import SweepBusyError, SweepLock, SweepStore
 
 # What makes a directory a sweep's: resolved_spec.json, written when `nc-ray sweep` starts, or
 # tables/ (results copied without the rest).
@@ -73,7 +73,9 @@ def _sweep(args: argparse.Namespace) -> int:
                 f"{first.describe_schedule()}"
             )
         return 0
-    from nc_ray.planning import sweep_status
+    from nc_ray.planning import sweep_status, sweep_store
+
+    SweepLock(sweep_store(args.storage, spec.name)).probe()
     from nc_ray.sweep import run_sweep
 
     store = run_sweep(args.spec, args.storage, args.address)
@@ -82,6 +84,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from nc_ray.planning import sweep_status
+
+    SweepLock(_sweep_at(args.sweep_dir)).probe()
     from nc_ray.sweep import resume_sweep
 
     store = resume_sweep(args.sweep_dir, args.address)  # refuses a directory without resolved_spec.json

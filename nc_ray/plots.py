@@ -30,7 +30,9 @@ from matplotlib.patches import Patch, Rectangle
 from nc_ray.analysis import METADATA_KEY, PHASES, ForecastSetup, aggregate, forecast_comparison
 from nc_ray.query import Sweep
 
-PHASE_COLORS = {"trivial": "#bdbdbd", "not_collapsed": "#fdae61", "collapsed_low_rank": "#2c7bb6"}
+PHASE_COLORS = {
+    "trivial": "#bdbdbd", "collapsed_low_rank": "#2c7bb6", "collapsed": "#abd9e9", "low_rank": "#d7191c", "not_collapsed": "#fdae61",
+}
 AXIS_LABELS = {"weight_decay": "weight decay λ", "depth": "depth L", "width": "width", "lr": "learning rate"}
 MAX_ANNOTATED_CELLS = 400
 MAX_POINTS = 20_000  # scatter plots sample this many rows at most
@@ -194,7 +196,7 @@ def phase_map(
     t = json.loads(table.schema.metadata[METADATA_KEY])["thresholds"]
     rules = (f"thresholds (medians over seeds):\ntrivial: train_acc ≤ 1/K + {t['trivial_acc_margin']:g}\n   or σ1 ≤ {t['trivial_sv_max']:g}\n"
              f"collapsed_low_rank: train_acc ≥ {t['collapsed_acc']:g},\n   penultimate tcv_rel ≤ {t['collapsed_tcv_rel']:g},\n"
-             f"   hidden rank_rel_1e2 ≤ {t['collapsed_rank_per_class']:g}·K")
+             f"   hidden rank_rel_1e2 ≤ {t['low_rank_per_class']:g}·K")
     handles.append(Line2D([], [], linestyle="none", label=rules))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
     ax.set_title(title or "phase per cell")

@@ -231,3 +231,9 @@ class SweepLock:
     def __exit__(self, *exc_info: Any) -> None:
         if self.lock is not None:
             self.lock.release()
+
+    def probe(self) -> None:
+        """SweepBusyError now if another process holds the sweep (the lock is taken and released):
+        a fast answer before Ray and torch are imported; the run itself takes the lock again."""
+        with self:
+            pass

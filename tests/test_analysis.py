@@ -96,8 +96,14 @@ def test_thresholds_change_phases_and_are_stored(sweep_dir):
     with open_sweep(sweep_dir) as sweep:
         table = aggregate(sweep, thresholds=strict)
     phases = {cell: row["phase"] for cell, row in _cells(table).items()}
-    assert phases[(1e-2, 2)] == "not_collapsed"  # median train_acc 0.999 < 1.0
+    assert phases[(1e-2, 2)] == "low_rank"  # median train_acc 0.999 < 1.0: no DNC1, hidden rank still <= K
     assert phases[(1e-1, 3)] == "trivial"  # still: 0.2 <= 1/3
+    assert phases[(1e-3, 2)] == "not_collapsed"
+    with open_sweep(sweep_dir) as sweep:
+        rank_strict = _cells(aggregate(sweep, thresholds=PhaseThresholds(low_rank_per_class=0.1)))
+    assert {rank_strict[cell]["phase"] for cell in [(1e-2, 2), (1e-2, 3)]} == {"collapsed"}  # DNC1, rank > 0.1 K
+    for row in rank_strict.values():
+        assert row["rank_below_dnc"] == (row["phase_rank_rel"] < K - 1)
     assert set(table["threshold_collapsed_acc"].to_pylist()) == {1.0}
     path = write_aggregate(str(sweep_dir), table)
     assert path == str(sweep_dir / "analysis" / "phase_weight_decay_depth.parquet")
@@ -159,7 +165,7 @@ def test_phase_command_writes_the_table_and_valid_pngs(sweep_dir, tmp_path, caps
         _check_png(path)
         assert str(path) in printed
     assert (sweep_dir / "analysis" / "phase_weight_decay_depth.parquet").exists()
-    assert re.search(r"^3 +N +C +T$", printed, re.MULTILINE)  # the text phase grid, depth 3 row
+    assert re.search(r"^3 +N +C\+L +T$", printed, re.MULTILINE)  # the text phase grid, depth 3 row
     assert main(["phase", str(sweep_dir), "--metric", "member_id"]) == 2
     assert "metrics must be numeric" in capsys.readouterr().err
 
