@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 ARCHITECTURES = ("mlp", "resmlp")
+# How a resmlp's residual branches and output layer are scaled at initialization (see
+# nc_ray.models.Architecture.init_std); null for an mlp, and for a resmlp of nc_ray 0.1 "sqrt_depth".
+RESIDUAL_INITS = ("sqrt_depth", "depth")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh")
 LOSSES = ("ce", "mse")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -29,7 +32,7 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 # Version-2 fields with their defaults: left out of the member id at these values.
 _V2_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "constant", "lr_milestones": None, "lr_gamma": None, "lr_floor": None,
-    "lr_warmup_epochs": 0, "stop_stationarity": None,
+    "lr_warmup_epochs": 0, "stop_stationarity": None, "residual_init": None,
 }
 # The axes an optuna search or a pack varies: members differing only in these share a pack.
 _PACKED = ("lr", "weight_decay", "seed")
@@ -69,6 +72,7 @@ class MemberConfig:
     lr_floor: float | None = None
     lr_warmup_epochs: int = 0
     stop_stationarity: float | None = None
+    residual_init: str | None = None
 
     def __post_init__(self) -> None:
         # Canonical types, so equal configs have equal ids (0 and 0.0 are the same weight decay).

@@ -45,7 +45,7 @@ _ARROW_TYPES = {
     "str": pa.string(), "int": pa.int64(), "int | None": pa.int64(), "float": pa.float64(),
     "float | None": pa.float64(), "bool": pa.bool_(),
     "tuple[tuple[str, Any], ...]": pa.string(),  # dataset_params, as canonical JSON
-    "tuple[int, ...] | None": pa.list_(pa.int64()),
+    "tuple[int, ...] | None": pa.list_(pa.int64()), "str | None": pa.string(),
 }
 
 

@@ -80,7 +80,7 @@ def member_data(config: MemberConfig) -> MemberData:
 def architecture(config: MemberConfig, data: MemberData) -> Architecture:
     return Architecture(
         config.arch, int(np.prod(data.x_train.shape[1:])), config.width, config.depth,
-        data.n_classes, config.activation, config.bias,
+        data.n_classes, config.activation, config.bias, config.residual_init,
     )
 
 

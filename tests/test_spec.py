@@ -187,7 +187,7 @@ def test_member_id_changes_with_every_field(field: str) -> None:
              "loss": "mse", "lr": 0.051, "momentum": 0.0, "batch_size": None, "epochs": 7, "weight_decay": 2e-3,
              "seed": 1, "metric_every": 2, "metric_initial": False, "metric_subset_per_class": 4,
              "lr_schedule": "cosine", "lr_milestones": (3,), "lr_gamma": 0.5, "lr_floor": 0.1, "lr_warmup_epochs": 2,
-             "stop_stationarity": 1e-2}
+             "stop_stationarity": 1e-2, "residual_init": "depth"}
     changed = member(**{field: other[field]})
     assert changed.member_id != member().member_id
     assert MemberConfig.from_dict(changed.to_dict()) == changed
@@ -252,7 +252,7 @@ BAD_CASES = [
     ({"grid__dataset": ["gaussian", "svhn"]}, "grid.dataset[1]", "'svhn'"),
     ({"dataset__params__colour": True}, "dataset.params.colour", "True"),
     ({"dataset__params__dim": "8"}, "dataset.params.dim", "'8'"),
-    ({"dataset__params__n_classes": 1}, "dataset.params", "'n_classes': 1"),
+    ({"dataset__params__n_classes": 1}, "dataset.params.n_classes", "1"),
     ({"grid__dataset": ["gaussian", "digits"]}, "dataset.params.dim", "8"),
     ({"model__arch": "cnn"}, "model.arch", "'cnn'"),
     ({"grid__arch": ["mlp", "transformer"]}, "grid.arch[1]", "'transformer'"),
