@@ -111,9 +111,9 @@ def table_name(x: str, y: str, layers: Layers, epoch: Epoch) -> str:
     return "_".join(parts)
 
 
-def _class_counts(sweep: Sweep) -> list[tuple[str, str, int]]:
+def class_counts(sweep: Sweep) -> list[tuple[str, str, int]]:
     """(dataset, dataset_params, K) for every dataset configuration in the sweep."""
-    from nc_ray.data import n_classes_of  # imports torch: only when aggregating
+    from nc_ray.data import n_classes_of
 
     pairs = sweep.sql(
         "SELECT DISTINCT dataset, dataset_params FROM (SELECT dataset, dataset_params FROM members "
@@ -240,7 +240,7 @@ def aggregate(
     table (threshold_* columns, `layers` column, schema metadata `nc_ray.phase`)."""
     metrics = list(dict.fromkeys(metrics))
     _check_names(sweep, x, y, metrics)
-    sql, params = aggregation_sql(x, y, metrics, layers, epoch, thresholds, _class_counts(sweep))
+    sql, params = aggregation_sql(x, y, metrics, layers, epoch, thresholds, class_counts(sweep))
     table = sweep.sql(sql, params)
     constants = {"layers": str(layers), **{f"threshold_{k}": v for k, v in thresholds.as_dict().items()}}
     for name, value in constants.items():
@@ -351,32 +351,59 @@ def try_forecast_setup(sweep: Sweep, collapse_layer: int = 1, radius: float | No
         return None, str(error)
 
 
+def complete_rows(view: str, epoch: int | Literal["final", "all"] = "final") -> str:
+    """SQL FROM clause: the rows `r` of `view` (metrics or spectra) of complete members `f`, at
+    each member's final epoch (`f.final_epoch`), at a given epoch, or at every epoch ("all")."""
+    if epoch == "final":
+        at = "AND r.epoch = f.final_epoch"
+    elif epoch == "all":
+        at = ""
+    elif isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0:
+        at = f"AND r.epoch = {epoch}"
+    else:
+        raise ValueError(f"epoch must be 'final', 'all' or an epoch number >= 0, got {epoch!r}")
+    return f"{view} r JOIN members f ON r.sweep = f.sweep AND r.member_id = f.member_id AND f.status = 'complete' {at}"
+
+
+# The middle layers' significant singular values (σ_i > 0.1 σ_1), what the forecast's k and s*
+# are compared with; a zero matrix (σ_1 < ZERO_SV_MAX, as in nc_ray.metrics) has none.
+_SIGNIFICANT = "list_filter(r.singular_values, lambda v: v > 0.1 * r.singular_values[1] AND r.singular_values[1] >= 1e-10)"
+
+
 def forecast_comparison(sweep: Sweep, setup: ForecastSetup, epoch: int | Literal["final"] = "final") -> pa.Table:
-    """Per (depth, weight_decay) cell: forecast s* and k against the measured mean of the top-k
-    singular values of the middle layers (collapse_layer+1 .. depth-1), median and quartiles over
-    complete members; rel_error = |measured - s*| / s* (null where s* = 0: the zero function)."""
+    """Per (depth, weight_decay) cell, the forecast against the middle layers (collapse_layer+1 ..
+    depth-1) of complete members, as docs/science.md prescribes:
+
+    - `k` (forecast count) against `count`: the number of singular values above 0.1 σ_1
+      (rank_rel_1e1; 0 on a zero matrix), per member the median over the middle layers;
+    - `s_star` against `size`: the mean of those significant singular values only (never an
+      average that includes near-zero ones), per member averaged over the middle layers (null on
+      zero matrices); `rel_error` = |size − s*| / s* (null where s* = 0: the zero function).
+    Cell values are medians over members, with `_q25`/`_q75` quartiles.
+    """
     k = int(forecast(1.0, 2, setup.n_classes, setup.radius, setup.loss).k)
-    epoch_condition = "s.epoch = f.final_epoch" if epoch == "final" else f"s.epoch = {int(epoch)}"
     table = sweep.sql(
         f"""
         WITH per_member AS (
-            SELECT s.depth, s.weight_decay, s.sweep, s.member_id,
-                avg(list_avg(list_slice(s.singular_values, 1, {k}))) AS top_k
-            FROM spectra s JOIN members f ON s.sweep = f.sweep AND s.member_id = f.member_id
-            WHERE f.status = 'complete' AND {epoch_condition} AND s.layer > {setup.collapse_layer} AND s.layer < s.depth
+            SELECT r.depth, r.weight_decay, r.sweep, r.member_id,
+                median(len({_SIGNIFICANT})) AS count,
+                avg(list_avg({_SIGNIFICANT})) AS size
+            FROM {complete_rows("spectra", epoch)}
+            WHERE r.layer > {setup.collapse_layer} AND r.layer < r.depth
             GROUP BY ALL
         )
-        SELECT depth, weight_decay, count(*) AS n_members, median(top_k) AS measured,
-            quantile_cont(top_k, 0.25) AS measured_q25, quantile_cont(top_k, 0.75) AS measured_q75
+        SELECT depth, weight_decay, count(*) AS n_members,
+            median(count) AS count, quantile_cont(count, 0.25) AS count_q25, quantile_cont(count, 0.75) AS count_q75,
+            median(size) AS size, quantile_cont(size, 0.25) AS size_q25, quantile_cont(size, 0.75) AS size_q75
         FROM per_member GROUP BY ALL ORDER BY depth, weight_decay
         """
     )
     depth = np.asarray(table["depth"].to_numpy(zero_copy_only=False), dtype=np.int64)
     decay = np.asarray(table["weight_decay"].to_numpy(zero_copy_only=False), dtype=float)
     s_star = forecast(decay, setup.tail_depth(depth), setup.n_classes, setup.radius, setup.loss).s_star if len(depth) else np.zeros(0)
-    measured = np.asarray(table["measured"].to_numpy(zero_copy_only=False), dtype=float)
+    size = np.asarray(table["size"].to_numpy(zero_copy_only=False), dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        error = np.where(s_star > 0, np.abs(measured - s_star) / s_star, np.nan)
+        error = np.where(s_star > 0, np.abs(size - s_star) / s_star, np.nan)
     return (
         table.append_column("tail_depth", pa.array(setup.tail_depth(depth)))
         .append_column("k", pa.array(np.full(len(depth), k)))
@@ -384,3 +411,44 @@ def forecast_comparison(sweep: Sweep, setup: ForecastSetup, epoch: int | Literal
         .append_column("rel_error", pa.array(error, from_pandas=True))
         .append_column("label", pa.array([setup.label] * len(depth)))
     )
+
+
+def boundary_comparison(table: pa.Table, setup: ForecastSetup) -> pa.Table:
+    """Per depth of a weight_decay x depth `aggregate` table: the forecast λ_crit(depth − m) against
+    the measured trivial boundary, the smallest λ of the grid whose cell is `trivial` (null: none in
+    range), with the largest λ below it that is not trivial (`last_non_trivial`) bracketing it."""
+    info = json.loads(table.schema.metadata[METADATA_KEY])
+    if (info["x"], info["y"]) != ("weight_decay", "depth"):
+        raise ValueError(f"the boundary is compared on weight_decay x depth tables, not {info['x']} x {info['y']}")
+    cells = [r for r in table.select(["weight_decay", "depth", "phase"]).to_pylist() if r["phase"] is not None]
+    depths = sorted({r["depth"] for r in cells})
+    forecast_crit = setup.critical_weight_decay(depths)
+    rows = []
+    for depth in depths:
+        here = sorted((r["weight_decay"], r["phase"]) for r in cells if r["depth"] == depth)
+        trivial = [w for w, phase in here if phase == "trivial"]
+        boundary = trivial[0] if trivial else None
+        below = [w for w, phase in here if phase != "trivial" and (boundary is None or w < boundary)]
+        crit = forecast_crit.get(depth)
+        rows.append({
+            "depth": depth, "tail_depth": depth - setup.collapse_layer, "lambda_crit": crit,
+            "measured_boundary": boundary, "last_non_trivial": below[-1] if below else None,
+            "grid_low": here[0][0], "grid_high": here[-1][0],
+            "ratio": boundary / crit if boundary is not None and crit and math.isfinite(crit) else None,
+            "label": setup.label,
+        })
+    schema = pa.schema([("depth", pa.int64()), ("tail_depth", pa.int64()), ("lambda_crit", pa.float64()),
+                        ("measured_boundary", pa.float64()), ("last_non_trivial", pa.float64()), ("grid_low", pa.float64()),
+                        ("grid_high", pa.float64()), ("ratio", pa.float64()), ("label", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def boundary_text(boundaries: pa.Table) -> str:
+    """The per-depth boundary table as text lines (what `nc-ray phase` prints beside the map)."""
+    lines = ["depth  forecast λ_crit (reconstructed)  measured trivial boundary  (last non-trivial λ)"]
+    for r in boundaries.to_pylist():
+        crit = "inf" if r["lambda_crit"] is None or not math.isfinite(r["lambda_crit"]) else f"{r['lambda_crit']:.3g}"
+        measured = f"{r['measured_boundary']:.3g}" if r["measured_boundary"] is not None else f"none in [{r['grid_low']:.3g}, {r['grid_high']:.3g}]"
+        below = f"({r['last_non_trivial']:.3g})" if r["last_non_trivial"] is not None else "(-)"
+        lines.append(f"{r['depth']:>5}  {crit:>30}  {measured:>25}  {below}")
+    return "\n".join(lines)

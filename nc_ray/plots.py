@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from nc_ray.analysis import METADATA_KEY, PHASES, ForecastSetup, aggregate, forecast_comparison
+from nc_ray.analysis import METADATA_KEY, PHASES, ForecastSetup, aggregate, class_counts, complete_rows, forecast_comparison
 from nc_ray.query import Sweep
 
 PHASE_COLORS = {
@@ -183,6 +183,12 @@ def phase_map(
     grid.mark_cells(ax, np.isfinite(values))
     grid.draw_axes(ax)
     handles = [Patch(facecolor=PHASE_COLORS[p], label=p) for p in PHASES] + [Patch(facecolor="#eeeeee", hatch="xx", label="no complete member")]
+    if "rank_below_dnc" in table.column_names:
+        below = grid.values(np.array([1.0 if flag else None for flag in _column(table, "rank_below_dnc")], dtype=object))
+        for i, j, _ in grid.cells:
+            if below[i, j] == 1.0:
+                ax.text(grid.x_pos[j], i + 0.25, "<K−1", ha="center", va="center", fontsize=6, color="black")
+        handles.append(Line2D([], [], linestyle="none", marker="$<$", color="black", label="hidden rank < K − 1"))
     marks = [(grid.x_position(b), i, b) for i, v in enumerate(grid.ys) if (b := (boundary or {}).get(v)) is not None and 0 < b < math.inf]
     if marks:
         xs = [p for p, _, _ in marks for _ in (0, 1)]
@@ -194,9 +200,10 @@ def phase_map(
         ax.set_xlim(min(low, min(xs) - 0.15), max(high, max(xs) + 0.5))
         handles.append(Line2D([], [], color="black", lw=2.2, ls="--", label=boundary_label))
     t = json.loads(table.schema.metadata[METADATA_KEY])["thresholds"]
-    rules = (f"thresholds (medians over seeds):\ntrivial: train_acc ≤ 1/K + {t['trivial_acc_margin']:g}\n   or σ1 ≤ {t['trivial_sv_max']:g}\n"
-             f"collapsed_low_rank: train_acc ≥ {t['collapsed_acc']:g},\n   penultimate tcv_rel ≤ {t['collapsed_tcv_rel']:g},\n"
-             f"   hidden rank_rel_1e2 ≤ {t['low_rank_per_class']:g}·K")
+    rules = (f"thresholds (medians over seeds):\ntrivial: train_acc ≤ 1/K + {t['trivial_acc_margin']:g}\n   or median σ1 < {t['trivial_sv_max']:g}\n"
+             f"DNC1: train_acc ≥ {t['collapsed_acc']:g} and\n   penultimate tcv_rel ≤ {t['collapsed_tcv_rel']:g}\n"
+             f"low rank: hidden rank_rel_1e2 ≤ {t['low_rank_per_class']:g}·K\n"
+             "collapsed_low_rank: both; collapsed:\n   DNC1 only; low_rank: low rank only")
     handles.append(Line2D([], [], linestyle="none", label=rules))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
     ax.set_title(title or "phase per cell")
@@ -204,37 +211,54 @@ def phase_map(
 
 
 def bound_figure(sweep: Sweep) -> Figure:
-    """dist_k against the certificate b0 per layer, every evaluation row (log-log, y = x drawn):
-    every point must sit on or under the line."""
+    """dist_k against the certificates b0 and b0_perp per layer, every evaluation row (log-log, y = x
+    drawn): every point must sit on or under the line; b0_perp's points sit closer to it. Drawn
+    without zero matrices (sv_max < 1e-10: the zero function) and layers with at most K outputs
+    (rank <= K by shape, dist_k = 0), which the counts in the title include."""
     data = sweep.sql(
-        f"SELECT layer, weight_decay, dist_k, b0 FROM metrics WHERE b0 > 0 USING SAMPLE reservoir({MAX_POINTS} ROWS) REPEATABLE (0)"
+        f"SELECT layer, dist_k, b0, b0_perp FROM metrics WHERE b0 > 0 AND b0 < 'inf'::DOUBLE AND sv_max >= 1e-10 "
+        f"AND (layer < depth OR dist_k > 0) USING SAMPLE reservoir({MAX_POINTS} ROWS) REPEATABLE (0)"
     )
-    stats = sweep.sql("SELECT count(*) FILTER (WHERE bound_ok) AS ok, count(bound_ok) AS n FROM metrics").to_pylist()[0]
+    stats = sweep.sql(
+        """SELECT count(*) FILTER (WHERE bound_ok) AS ok, count(bound_ok) AS n,
+            count(*) FILTER (WHERE bound_perp_ok) AS perp_ok, count(bound_perp_ok) AS perp_n,
+            median(bound_ratio) AS ratio, median(bound_perp_ratio) AS perp_ratio FROM metrics"""
+    ).to_pylist()[0]
     layers = sorted(set(data["layer"].to_pylist()))
     columns = min(4, max(1, len(layers)))
     rows = max(1, math.ceil(len(layers) / columns))
-    figure = Figure(figsize=(3.2 * columns, 3.0 * rows), layout="constrained")
-    layer_col, decay, dist, b0 = (np.asarray(data[c].to_pylist(), dtype=float) for c in ("layer", "weight_decay", "dist_k", "b0"))
+    figure = Figure(figsize=(3.2 * columns, 3.0 * rows + 0.4), layout="constrained")
+    layer_col, dist, b0, b0_perp = (np.asarray(data[c].to_pylist(), dtype=float) for c in ("layer", "dist_k", "b0", "b0_perp"))
     positive = dist[dist > 0]
     floor = positive.min() / 2 if positive.size else 1e-12
-    norm = LogNorm(decay.min(), decay.max()) if decay.size and decay.min() > 0 and decay.max() > decay.min() else None
-    scatter = None
+    shown = np.maximum(dist, floor)
     for index, layer in enumerate(layers):
         ax = figure.add_subplot(rows, columns, index + 1)
         here = layer_col == layer
-        scatter = ax.scatter(b0[here], np.maximum(dist[here], floor), c=decay[here], cmap="plasma", norm=norm, s=9)
-        low = min(b0[here].min(), np.maximum(dist[here], floor).min())
+        ax.scatter(b0[here], shown[here], s=7, color="#999999", label="b0")
+        perp = here & np.isfinite(b0_perp)
+        ax.scatter(b0_perp[perp], shown[perp], s=7, color="#d7191c", label="b0_perp")
+        low = min(np.nanmin(b0_perp[perp]) if perp.any() else np.inf, b0[here].min(), shown[here].min())
         high = max(b0[here].max(), dist[here].max())
         ax.plot([low, high], [low, high], color="black", lw=1, label="y = x")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"layer {int(layer)}", fontsize=9)
-        ax.set_xlabel("b0 (certificate)")
+        ax.set_xlabel("certificate")
         ax.set_ylabel("dist_k (zeros at the floor)")
-    if scatter is not None:
-        figure.colorbar(scatter, ax=figure.axes, label="weight decay λ", shrink=0.8)
-    share = f"{stats['ok'] / stats['n']:.4f}" if stats["n"] else "n/a"
-    figure.suptitle(f"dist_k ≤ b0 on every row: bound_ok fraction {share} ({stats['ok']}/{stats['n']} rows)")
+        if index == 0:
+            ax.legend(fontsize=7)
+
+    def share(ok: int, n: int) -> str:
+        return f"{ok / n:.4f} ({ok}/{n})" if n else "n/a"
+
+    def median(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    figure.suptitle(
+        f"dist_k ≤ b0_perp ≤ b0 on every row. bound_ok {share(stats['ok'], stats['n'])}, "
+        f"bound_perp_ok {share(stats['perp_ok'], stats['perp_n'])}\n"
+        f"median tightness dist_k/b0 {median(stats['ratio'])}, dist_k/b0_perp {median(stats['perp_ratio'])}", fontsize=9)
     return figure
 
 
@@ -277,9 +301,7 @@ def rank_figure(sweep: Sweep) -> Figure:
 def tcv_figure(sweep: Sweep) -> Figure:
     """tcv_rel of each layer's input against λ, one panel per depth, one line per layer."""
     table = sweep.sql(
-        """SELECT m.depth, m.layer, m.weight_decay, median(m.tcv_rel) AS tcv_rel
-        FROM metrics m JOIN members f ON m.sweep = f.sweep AND m.member_id = f.member_id
-        WHERE f.status = 'complete' AND m.epoch = f.final_epoch GROUP BY ALL ORDER BY ALL"""
+        f"SELECT r.depth, r.layer, r.weight_decay, median(r.tcv_rel) AS tcv_rel FROM {complete_rows('metrics')} GROUP BY ALL ORDER BY ALL"
     )
     depths = sorted(set(table["depth"].to_pylist()))
     figure = Figure(figsize=(3.4 * max(1, len(depths)), 3.4), layout="constrained")
@@ -291,6 +313,115 @@ def tcv_figure(sweep: Sweep) -> Figure:
         ax.set_ylabel("tcv_rel of the layer's input")
         ax.legend(fontsize=6)
     figure.suptitle("within-class variability entering each layer (final epoch, median over seeds)")
+    return figure
+
+
+def _message_figure(text: str) -> Figure:
+    """A small figure that says why there is nothing to draw."""
+    figure = Figure(figsize=(6, 1.2))
+    figure.text(0.5, 0.5, text, ha="center", va="center")
+    return figure
+
+
+def trajectory_figure(sweep: Sweep) -> Figure:
+    """Metrics over training epochs, one line per λ (median over seeds of complete members), one
+    column per depth: hidden-layer rank_rel_1e2 (K dotted), penultimate tcv_rel, and stationarity
+    (max over layers: how far from a critical point, in units of the weight-decay force)."""
+    table = sweep.sql(
+        f"""WITH per_member AS (
+            SELECT r.depth, r.weight_decay, r.epoch, r.member_id,
+                median(r.rank_rel_1e2) FILTER (WHERE r.layer < r.depth AND (r.layer > 1 OR r.depth <= 2)) AS rank,
+                any_value(r.tcv_rel) FILTER (WHERE r.layer = r.depth) AS tcv,
+                max(r.stationarity) AS stationarity
+            FROM {complete_rows("metrics", "all")} GROUP BY ALL)
+        SELECT depth, weight_decay, epoch, median(rank) AS rank, median(tcv) AS tcv, median(stationarity) AS stationarity
+        FROM per_member GROUP BY ALL ORDER BY depth, weight_decay, epoch"""
+    )
+    classes = sorted({k for _, _, k in class_counts(sweep)})
+    depths = sorted(set(table["depth"].to_pylist()))
+    panels = (("rank", "hidden rank_rel_1e2", False), ("tcv", "penultimate tcv_rel", True), ("stationarity", "stationarity (max over layers)", True))
+    figure = Figure(figsize=(3.3 * max(1, len(depths)), 2.6 * len(panels)), layout="constrained")
+    decays = sorted(set(table["weight_decay"].to_pylist()))
+    norm = LogNorm(min(decays), max(decays)) if decays and min(decays) > 0 and max(decays) > min(decays) else Normalize(0, 1)
+    rows = table.to_pylist()
+    for column, depth in enumerate(depths):
+        for row_index, (name, label, log) in enumerate(panels):
+            ax = figure.add_subplot(len(panels), len(depths), row_index * len(depths) + column + 1)
+            for decay in decays:
+                line = [(r["epoch"], r[name]) for r in rows if r["depth"] == depth and r["weight_decay"] == decay and r[name] is not None]
+                if line:
+                    ax.plot(*zip(*line), color=colormaps["plasma"](norm(decay)), lw=1.2)
+            if name == "rank":
+                for k in classes:
+                    ax.axhline(k, color="black", ls=":", lw=1)
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(f"depth {depth}", fontsize=9)
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_xlabel("epoch", fontsize=8)
+    figure.colorbar(ScalarMappable(norm=norm, cmap="plasma"), ax=figure.axes, label="weight decay λ", shrink=0.6)
+    figure.suptitle("training trajectories (median over seeds; K dotted on the rank panels)")
+    return figure
+
+
+def objective_table(sweep: Sweep) -> pa.Table:
+    """Per complete member at its final epoch: its cell (depth, λ), `objective` F_λ and penultimate tcv_rel."""
+    return sweep.sql(
+        f"""SELECT r.depth, r.weight_decay, r.member_id, any_value(r.objective) AS objective,
+            any_value(r.tcv_rel) FILTER (WHERE r.layer = r.depth) AS tcv_rel
+        FROM {complete_rows("metrics")} WHERE r.objective IS NOT NULL GROUP BY ALL ORDER BY ALL"""
+    )
+
+
+def collapse_objective_concordance(table: pa.Table) -> tuple[int, int]:
+    """Within each cell, over pairs of members: (pairs where the more collapsed member, lower
+    penultimate tcv_rel, also has the lower objective F_λ; pairs compared). Ties are not counted."""
+    cells: dict[tuple, list[tuple[float, float]]] = {}
+    for r in table.to_pylist():
+        if r["tcv_rel"] is not None and r["objective"] is not None:
+            cells.setdefault((r["depth"], r["weight_decay"]), []).append((r["tcv_rel"], r["objective"]))
+    agree = total = 0
+    for members in cells.values():
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                sign = (members[a][0] - members[b][0]) * (members[a][1] - members[b][1])
+                if sign != 0:
+                    total += 1
+                    agree += sign > 0
+    return agree, total
+
+
+def objective_figure(sweep: Sweep) -> Figure:
+    """Within each cell, the objective F_λ against penultimate tcv_rel across seeds (final epoch), one
+    panel per depth: F relative to the cell's lowest member, seeds of a cell joined by a line.
+    The paper's claim (DNC1 configurations are global optima) predicts that the more collapsed
+    member of a cell has the lower objective."""
+    table = objective_table(sweep)
+    rows = table.to_pylist()
+    depths = sorted({r["depth"] for r in rows})
+    if not depths:
+        return _message_figure("no objective values: rows written before version 2 do not have them")
+    figure = Figure(figsize=(3.4 * max(1, len(depths)), 3.4), layout="constrained")
+    decays = sorted({r["weight_decay"] for r in rows})
+    norm = LogNorm(min(decays), max(decays)) if decays and min(decays) > 0 and max(decays) > min(decays) else Normalize(0, 1)
+    for index, depth in enumerate(depths):
+        ax = figure.add_subplot(1, len(depths), index + 1)
+        for decay in decays:
+            cell = sorted((r["tcv_rel"], r["objective"]) for r in rows if r["depth"] == depth and r["weight_decay"] == decay and r["tcv_rel"])
+            if not cell:
+                continue
+            lowest = min(f for _, f in cell)
+            points = [(t, (f - lowest) / abs(lowest) if lowest else 0.0) for t, f in cell]
+            color = colormaps["plasma"](norm(decay))
+            ax.plot(*zip(*points), color=color, lw=0.8, marker="o", ms=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("penultimate tcv_rel")
+        ax.set_ylabel("(F_λ − min over the cell) / min")
+        ax.set_title(f"depth {depth}", fontsize=9)
+    agree, total = collapse_objective_concordance(table)
+    verdict = f"{agree} of {total} pairs" if total else "no pairs"
+    figure.colorbar(ScalarMappable(norm=norm, cmap="plasma"), ax=figure.axes, label="weight decay λ", shrink=0.8)
+    figure.suptitle(f"objective against collapse within each cell: the more collapsed member has the lower F_λ in {verdict}", fontsize=9)
     return figure
 
 
@@ -334,28 +465,39 @@ def spectra_figure(sweep: Sweep, member_id: str | None = None) -> Figure:
 
 
 def forecast_figure(comparison: pa.Table, setup: ForecastSetup) -> Figure:
-    """Forecast s* against the measured mean top-k singular value of the middle layers (left, y = x
-    drawn), and the relative error per (depth, λ) cell (right)."""
-    figure = Figure(figsize=(12, 4.2), layout="constrained")
-    left = figure.add_subplot(1, 2, 1)
+    """The forecast against the middle layers, per depth over λ (medians over seeds, IQR bands):
+    the measured size (mean of the significant σ_i > 0.1 σ_1) with the forecast s* dashed (left),
+    the measured count of significant σ_i with the forecast k dotted (middle), and the relative
+    error |size − s*| / s* per cell (right)."""
+    figure = Figure(figsize=(15, 4.2), layout="constrained")
+    size_ax, count_ax, error_ax = (figure.add_subplot(1, 3, i) for i in (1, 2, 3))
     depth = np.asarray(comparison["depth"].to_pylist())
-    s_star = np.asarray(comparison["s_star"].to_pylist(), dtype=float)
-    measured = np.asarray(comparison["measured"].to_pylist(), dtype=float)
+    decay = np.asarray(comparison["weight_decay"].to_pylist(), dtype=float)
+    column = {name: np.asarray(comparison[name].to_pylist(), dtype=float)
+              for name in ("size", "size_q25", "size_q75", "count", "count_q25", "count_q75", "s_star")}
     for value in sorted(set(depth.tolist())):
-        here = depth == value
-        left.scatter(s_star[here], measured[here], s=18, label=f"depth {value}")
-    finite = np.concatenate([s_star, measured])
-    finite = finite[np.isfinite(finite)]
-    if finite.size:
-        left.plot([0, finite.max()], [0, finite.max()], color="black", lw=1, label="y = x")
-    left.set_xlabel(f"forecast s* (reconstructed; r = {setup.radius:.3g}, tail D = L − {setup.collapse_layer})")
-    left.set_ylabel(f"measured mean of the top {comparison['k'][0].as_py() if comparison.num_rows else 'k'} σ, middle layers")
-    left.legend(fontsize=8)
-    right = figure.add_subplot(1, 2, 2)
+        here = np.flatnonzero(depth == value)
+        here = here[np.argsort(decay[here])]
+        line, = size_ax.plot(decay[here], column["size"][here], marker="o", ms=3, label=f"depth {value}")
+        size_ax.fill_between(decay[here], column["size_q25"][here], column["size_q75"][here], color=line.get_color(), alpha=0.2)
+        size_ax.plot(decay[here], column["s_star"][here], color=line.get_color(), ls="--", lw=1)
+        count_ax.plot(decay[here], column["count"][here], marker="o", ms=3, color=line.get_color(), label=f"depth {value}")
+        count_ax.fill_between(decay[here], column["count_q25"][here], column["count_q75"][here], color=line.get_color(), alpha=0.2)
+    k = comparison["k"][0].as_py() if comparison.num_rows else None
+    if k is not None:
+        count_ax.axhline(k, color="black", ls=":", lw=1.2, label=f"forecast k = {k}")
+    for ax in (size_ax, count_ax):
+        ax.set_xscale("log")
+        ax.set_xlabel("weight decay λ")
+        ax.legend(fontsize=7)
+    size_ax.set_ylabel("mean significant σ (dashed: forecast s*)")
+    size_ax.set_title(f"size: r = {setup.radius:.3g}, tail D = L − {setup.collapse_layer}", fontsize=9)
+    count_ax.set_ylabel("number of σ_i > 0.1 σ_1")
+    count_ax.set_title("count of significant singular values", fontsize=9)
     grid = _Grid(comparison, "weight_decay", "depth")
-    _draw_heatmap(figure, right, grid, grid.values(_column(comparison, "rel_error")), cmap="magma",
-                  label="|measured − s*| / s*  (hatched: s* = 0)")
-    figure.suptitle("forecast against measurement (final epoch, median over seeds)")
+    _draw_heatmap(figure, error_ax, grid, grid.values(_column(comparison, "rel_error")), cmap="magma",
+                  label="|size − s*| / s*  (hatched: s* = 0)")
+    figure.suptitle(f"forecast ({setup.label}) against measurement: middle layers, final epoch, median over seeds")
     return figure
 
 
@@ -377,12 +519,11 @@ def standard_figures(
     figures = {f"phase_map_{x}_{y}": phase_map(table, x=x, y=y, boundary=boundary, boundary_label=label)}
     for name, (column, title) in heatmaps.items():
         figures[f"heatmap_{name}"] = heatmap(table, column, x=x, y=y, title=title)
-    final_rows = sweep.sql(
-        """SELECT count(*) AS n FROM metrics m JOIN members f ON m.sweep = f.sweep AND m.member_id = f.member_id
-        WHERE f.status = 'complete' AND m.epoch = f.final_epoch"""
-    )["n"][0].as_py()
+    final_rows = sweep.sql(f"SELECT count(*) AS n FROM {complete_rows('metrics')}")["n"][0].as_py()
     if final_rows:  # none when every final-epoch file is damaged or skipped: nothing to relate
         figures["relation_bound"] = bound_figure(sweep)
+        figures["relation_trajectories"] = trajectory_figure(sweep)
+        figures["relation_objective"] = objective_figure(sweep)
         figures["relation_rank"] = rank_figure(sweep)
         figures["relation_tcv"] = tcv_figure(sweep)
         figures["relation_spectra"] = spectra_figure(sweep, member_id)

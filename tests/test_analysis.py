@@ -16,9 +16,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+import pyarrow as pa
+
 from nc_ray.analysis import (
-    METADATA_KEY, PhaseThresholds, aggregate, forecast_comparison, forecast_setup, write_aggregate,
+    METADATA_KEY, PhaseThresholds, aggregate, boundary_comparison, boundary_text, forecast_comparison, forecast_setup, write_aggregate,
 )
+from nc_ray.plots import collapse_objective_concordance
 from nc_ray.cli import main
 from nc_ray.query import open_sweep
 from nc_ray.store import SweepStore
@@ -140,9 +143,52 @@ def test_forecast_comparison_against_theory_and_spectra(sweep_dir):
         expected_s = forecast(decay, 2, K, 2.0, "ce").s_star
         assert row["s_star"] == pytest.approx(float(expected_s)) and row["k"] == K - 1 and row["label"] == "reconstructed"
         values = spectra[(spectra.weight_decay == decay) & spectra.member_id.isin(complete)]
-        measured = np.median([np.mean(sv[: K - 1]) for sv in values.singular_values])
-        assert row["measured"] == pytest.approx(measured, rel=1e-12)
-        assert row["rel_error"] == pytest.approx(abs(measured - expected_s) / expected_s, rel=1e-9)
+        # The significant singular values (> 0.1 σ_1), not the top k with near-zero ones included.
+        significant = [np.asarray(sv)[np.asarray(sv) > 0.1 * sv[0]] for sv in values.singular_values]
+        size = np.median([s.mean() for s in significant])
+        assert row["size"] == pytest.approx(size, rel=1e-12)
+        assert row["count"] == np.median([len(s) for s in significant])
+        assert row["size_q25"] <= row["size"] <= row["size_q75"]
+        assert row["rel_error"] == pytest.approx(abs(size - expected_s) / expected_s, rel=1e-9)
+
+
+def test_a_zero_matrix_has_no_significant_singular_values(tmp_path):
+    """The zero-matrix rule in the comparison: count 0 and no size on σ_1 < 1e-10."""
+    sweep_dir = build_sweep(tmp_path / "zero", seed=2)
+    spectra_dir = sweep_dir / "tables" / "spectra"
+    for path in spectra_dir.glob("*.parquet"):
+        table = pq.read_table(path)
+        zeroed = [[v * 1e-30 for v in sv] if d == 3 and w == DECAYS[0] else sv
+                  for sv, d, w in zip(table["singular_values"].to_pylist(), table["depth"].to_pylist(), table["weight_decay"].to_pylist())]
+        table = table.set_column(table.schema.get_field_index("singular_values"), "singular_values", pa.array(zeroed, type=pa.list_(pa.float64())))
+        pq.write_table(table, path)
+    with open_sweep(sweep_dir) as sweep:
+        row = {(r["depth"], r["weight_decay"]): r for r in forecast_comparison(sweep, forecast_setup(sweep, radius=2.0)).to_pylist()}[(3, DECAYS[0])]
+    assert row["count"] == 0 and row["size"] is None
+
+
+def test_boundary_comparison_brackets_the_measured_trivial_boundary(sweep_dir):
+    with open_sweep(sweep_dir) as sweep:
+        setup = forecast_setup(sweep, radius=2.0)
+        table = boundary_comparison(aggregate(sweep), setup)
+    rows = {r["depth"]: r for r in table.to_pylist()}
+    assert set(rows) == set(DEPTHS)
+    for depth in DEPTHS:  # trivial at λ = 0.1 for both depths (EXPECTED_PHASES), not below
+        assert (rows[depth]["measured_boundary"], rows[depth]["last_non_trivial"]) == (0.1, 0.01)
+        assert rows[depth]["lambda_crit"] == pytest.approx(setup.critical_weight_decay([depth])[depth])
+        crit = rows[depth]["lambda_crit"]  # inf for a one-layer tail (depth 2): no ratio
+        assert rows[depth]["ratio"] == (pytest.approx(0.1 / crit) if np.isfinite(crit) else None)
+    assert "none in" not in boundary_text(table) and "0.1" in boundary_text(table)
+
+
+def test_concordance_of_objective_and_collapse_within_cells():
+    table = pa.table({
+        "depth": [2, 2, 2, 3, 3], "weight_decay": [0.1, 0.1, 0.1, 0.1, 0.1],
+        "tcv_rel": [0.01, 0.02, 0.03, 0.5, 0.1], "objective": [1.0, 2.0, 1.5, 1.0, 1.0],
+    })
+    # depth 2: pairs (0.01, 1.0)-(0.02, 2.0) agree, (0.01)-(0.03) agree, (0.02, 2.0)-(0.03, 1.5) disagree;
+    # depth 3: equal objectives, a tie, not counted.
+    assert collapse_objective_concordance(table) == (2, 3)
 
 
 def _check_png(path: Path) -> None:
@@ -159,7 +205,8 @@ def test_phase_command_writes_the_table_and_valid_pngs(sweep_dir, tmp_path, caps
     pngs = sorted(out.glob("*.png"))
     assert {p.stem for p in pngs} == {
         "phase_map_weight_decay_depth", "heatmap_nc1_hidden",
-        "relation_bound", "relation_rank", "relation_tcv", "relation_spectra", "relation_forecast",
+        "relation_bound", "relation_trajectories", "relation_objective", "relation_rank", "relation_tcv",
+        "relation_spectra", "relation_forecast",
     }
     for path in pngs:
         _check_png(path)
@@ -176,7 +223,7 @@ def test_report_is_one_self_contained_page(sweep_dir, tmp_path, capsys):
     assert str(output) in capsys.readouterr().out
     page = output.read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 1 + 5 + 5  # phase map, heatmaps, relations
+    assert len(images) == 1 + 5 + 7  # phase map, heatmaps, relations (forecast, bound, trajectories, objective, rank, tcv, spectra)
     assert all(base64.b64decode(i)[:8] == PNG_SIGNATURE for i in images)
     assert not re.search(r'src="(?!data:)', page)  # nothing loaded from elsewhere
     n_rows = pq.read_table(sweep_dir / "tables/metrics").num_rows

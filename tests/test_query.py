@@ -60,8 +60,10 @@ def _rows(record: dict, epoch: int, rng: np.random.Generator) -> tuple[list[dict
     if (record["weight_decay"], depth, record["seed"]) == DIVERGED:
         train_acc = 0.0
     metrics, spectra = [], []
+    objective = rng.uniform(0.1, 1)  # per member and epoch: the same on each of its rows
     for layer in range(1, depth + 1):
         hidden = layer < depth and (layer > 1 or depth <= 2)
+        b0_grad, b0_tcv = rng.uniform(0.5, 1), rng.uniform(0.5, 1)
         collapsed = record["weight_decay"] == 1e-2
         row = {
             **{k: record[k] for k in KEYS}, "epoch": epoch, "layer": layer,
@@ -70,8 +72,10 @@ def _rows(record: dict, epoch: int, rng: np.random.Generator) -> tuple[list[dict
             "rank_rel_1e2": (int(rng.integers(1, K + 1)) if collapsed else int(rng.integers(10, 30))) if hidden else K,
             "tcv_rel": rng.uniform(0, 1e-3) if collapsed and layer == depth else rng.uniform(0.2, 0.6),
             "stable_rank": rng.uniform(1, 4), "dist_k_rel": rng.uniform(1e-6, 1), "nc1": rng.lognormal(0, 2),
-            "dist_k": rng.uniform(0, 1), "b0": rng.uniform(1, 2), "bound_ratio": rng.uniform(0, 1),
-            "bound_ok": (record["member_id"], epoch, layer) != FALSE_BOUND, "metric_set": "train", "n_metric": 30,
+            "dist_k": rng.uniform(0, 0.5), "b0_grad": b0_grad, "b0_tcv": b0_tcv, "b0": b0_grad + b0_tcv,
+            "b0_perp": b0_grad + 0.5 * b0_tcv, "bound_ratio": rng.uniform(0, 0.5), "bound_perp_ratio": rng.uniform(0, 1),
+            "stationarity": rng.lognormal(-2, 1), "weight_norm": rng.uniform(1, 3), "objective": objective,
+            "bound_ok": (record["member_id"], epoch, layer) != FALSE_BOUND, "bound_perp_ok": True, "metric_set": "train", "n_metric": 30,
         }
         metrics.append(row)
         size = K if layer == depth else WIDTH
