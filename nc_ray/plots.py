@@ -24,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.collections import LineCollection
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
@@ -36,6 +37,25 @@ PHASE_COLORS = {
 AXIS_LABELS = {"weight_decay": "weight decay λ", "depth": "depth L", "width": "width", "lr": "learning rate"}
 MAX_ANNOTATED_CELLS = 400
 MAX_POINTS = 20_000  # scatter plots sample this many rows at most
+
+
+def _figure(width: float, height: float, *, left: float = 0.8, right: float = 0.3, bottom: float = 0.8, top: float = 0.55,
+            wspace: float = 0.35, hspace: float = 0.55) -> Figure:
+    """A figure of width x height inches with fixed margins (inches) and gaps (fractions of an axes).
+
+    Fixed margins, not matplotlib's constrained layout: that layout costs two thirds of a figure's
+    rendering time, and `nc-ray phase` draws a dozen figures.
+    """
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                           wspace=wspace, hspace=hspace)
+    return figure
+
+
+def _side_colorbar(figure: Figure, mappable: ScalarMappable, label: str) -> None:
+    """A colorbar in the right margin that `_figure(..., right=1.4)` keeps free."""
+    width, _ = figure.get_size_inches()
+    figure.colorbar(mappable, cax=figure.add_axes((1 - 1.05 / width, 0.2, 0.15 / width, 0.6)), label=label)
 
 
 def save_png(figure: Figure, path: str | Path) -> Path:
@@ -160,7 +180,7 @@ def _draw_heatmap(figure: Figure, ax, grid: _Grid, values: np.ndarray, *, cmap: 
 def heatmap(table: pa.Table, column: str, *, x: str = "weight_decay", y: str = "depth", title: str | None = None) -> Figure:
     """A heatmap of `column` of an aggregate table over (x, y), with a colorbar and cell values."""
     grid = _Grid(table, x, y)
-    figure = Figure(figsize=(max(4.5, 1.6 + 0.62 * len(grid.xs)), max(2.8, 1.4 + 0.5 * len(grid.ys))), layout="constrained")
+    figure = _figure(max(4.5, 1.6 + 0.62 * len(grid.xs)) + 1.0, max(2.8, 1.4 + 0.5 * len(grid.ys)) + 0.4, right=0.2)
     ax = figure.add_subplot()
     _draw_heatmap(figure, ax, grid, grid.values(_column(table, column)), cmap="viridis", label=column)
     ax.set_title(title or column)
@@ -176,7 +196,7 @@ def phase_map(
     grid = _Grid(table, x, y)
     codes = {phase: index for index, phase in enumerate(PHASES)}
     values = grid.values(np.array([codes.get(p) for p in _column(table, "phase")], dtype=object))
-    figure = Figure(figsize=(max(4.5, 1.6 + 0.62 * len(grid.xs)), max(3.4, 1.4 + 0.5 * len(grid.ys))), layout="constrained")
+    figure = _figure(max(4.5, 1.6 + 0.62 * len(grid.xs)) + 2.6, max(3.4, 1.4 + 0.5 * len(grid.ys)) + 0.6, right=2.9)
     ax = figure.add_subplot()
     cmap = ListedColormap([PHASE_COLORS[p] for p in PHASES])
     ax.pcolormesh(grid.x_edges, grid.y_edges, np.ma.masked_invalid(values), cmap=cmap, norm=BoundaryNorm(np.arange(len(PHASES) + 1) - 0.5, len(PHASES)))
@@ -211,41 +231,42 @@ def phase_map(
 
 
 def bound_figure(sweep: Sweep) -> Figure:
-    """dist_k against the certificates b0 and b0_perp per layer, every evaluation row (log-log, y = x
-    drawn): every point must sit on or under the line; b0_perp's points sit closer to it. Drawn
-    without zero matrices (sv_max < 1e-10: the zero function) and layers with at most K outputs
-    (rank <= K by shape, dist_k = 0), which the counts in the title include."""
+    """dist_k against the certificates b0 (grey) and b0_perp (red) per layer, at the final epoch of
+    complete members, log-log with y = x: every point sits on or left of the line, and a segment
+    joins each row's two certificates, showing how much b0_perp tightens b0. Zero matrices (sv_max
+    < 1e-10) and layers with at most K outputs (rank <= K by shape, dist_k = 0) are not drawn; the
+    counts in the title are over every row of the sweep."""
     data = sweep.sql(
-        f"SELECT layer, dist_k, b0, b0_perp FROM metrics WHERE b0 > 0 AND b0 < 'inf'::DOUBLE AND sv_max >= 1e-10 "
-        f"AND (layer < depth OR dist_k > 0) USING SAMPLE reservoir({MAX_POINTS} ROWS) REPEATABLE (0)"
+        f"""SELECT r.layer, r.dist_k, r.b0, r.b0_perp FROM {complete_rows("metrics")}
+        WHERE r.b0 > 0 AND r.b0 < 'inf'::DOUBLE AND r.b0_perp IS NOT NULL AND r.sv_max >= 1e-10 AND r.dist_k > 0
+        USING SAMPLE reservoir({MAX_POINTS} ROWS) REPEATABLE (0)"""
     )
     stats = sweep.sql(
-        """SELECT count(*) FILTER (WHERE bound_ok) AS ok, count(bound_ok) AS n,
-            count(*) FILTER (WHERE bound_perp_ok) AS perp_ok, count(bound_perp_ok) AS perp_n,
-            median(bound_ratio) AS ratio, median(bound_perp_ratio) AS perp_ratio FROM metrics"""
+        f"""SELECT (SELECT count(*) FILTER (WHERE bound_ok) FROM metrics) AS ok, (SELECT count(bound_ok) FROM metrics) AS n,
+            (SELECT count(*) FILTER (WHERE bound_perp_ok) FROM metrics) AS perp_ok, (SELECT count(bound_perp_ok) FROM metrics) AS perp_n,
+            median(r.bound_ratio) AS ratio, median(r.bound_perp_ratio) AS perp_ratio
+        FROM {complete_rows("metrics")} WHERE r.layer < r.depth"""
     ).to_pylist()[0]
-    layers = sorted(set(data["layer"].to_pylist()))
-    columns = min(4, max(1, len(layers)))
-    rows = max(1, math.ceil(len(layers) / columns))
-    figure = Figure(figsize=(3.2 * columns, 3.0 * rows + 0.4), layout="constrained")
+    layers = sorted(set(data["layer"].to_pylist())) or [1]
+    columns = min(4, len(layers))
+    rows = math.ceil(len(layers) / columns)
+    figure = _figure(3.2 * columns + 0.6, 3.0 * rows + 0.9, top=0.9, wspace=0.45)
     layer_col, dist, b0, b0_perp = (np.asarray(data[c].to_pylist(), dtype=float) for c in ("layer", "dist_k", "b0", "b0_perp"))
-    positive = dist[dist > 0]
-    floor = positive.min() / 2 if positive.size else 1e-12
-    shown = np.maximum(dist, floor)
     for index, layer in enumerate(layers):
         ax = figure.add_subplot(rows, columns, index + 1)
         here = layer_col == layer
-        ax.scatter(b0[here], shown[here], s=7, color="#999999", label="b0")
-        perp = here & np.isfinite(b0_perp)
-        ax.scatter(b0_perp[perp], shown[perp], s=7, color="#d7191c", label="b0_perp")
-        low = min(np.nanmin(b0_perp[perp]) if perp.any() else np.inf, b0[here].min(), shown[here].min())
-        high = max(b0[here].max(), dist[here].max())
-        ax.plot([low, high], [low, high], color="black", lw=1, label="y = x")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        if here.any():
+            ax.add_collection(LineCollection(np.stack([np.stack([b0_perp[here], dist[here]], 1), np.stack([b0[here], dist[here]], 1)], 1),
+                                             colors="#dddddd", linewidths=0.6))
+            ax.scatter(b0[here], dist[here], s=7, color="#888888", label="b0", zorder=2)
+            ax.scatter(b0_perp[here], dist[here], s=7, color="#d7191c", label="b0_perp", zorder=3)
+            low, high = min(dist[here].min(), b0_perp[here].min()), max(b0[here].max(), dist[here].max())
+            ax.plot([low, high], [low, high], color="black", lw=1, label="y = x")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         ax.set_title(f"layer {int(layer)}", fontsize=9)
         ax.set_xlabel("certificate")
-        ax.set_ylabel("dist_k (zeros at the floor)")
+        ax.set_ylabel("dist_k")
         if index == 0:
             ax.legend(fontsize=7)
 
@@ -256,9 +277,9 @@ def bound_figure(sweep: Sweep) -> Figure:
         return "n/a" if value is None else f"{value:.3g}"
 
     figure.suptitle(
-        f"dist_k ≤ b0_perp ≤ b0 on every row. bound_ok {share(stats['ok'], stats['n'])}, "
+        f"dist_k ≤ b0_perp ≤ b0 on every row: bound_ok {share(stats['ok'], stats['n'])}, "
         f"bound_perp_ok {share(stats['perp_ok'], stats['perp_n'])}\n"
-        f"median tightness dist_k/b0 {median(stats['ratio'])}, dist_k/b0_perp {median(stats['perp_ratio'])}", fontsize=9)
+        f"final epoch, layers 1..L−1: median dist_k/b0 {median(stats['ratio'])}, dist_k/b0_perp {median(stats['perp_ratio'])}", fontsize=9)
     return figure
 
 
@@ -283,7 +304,7 @@ def rank_figure(sweep: Sweep) -> Figure:
     """dist_k_rel and rank_rel_1e2 of the hidden layers against λ, one line per depth (median over
     seeds, IQR band), K marked on the rank panel."""
     table = aggregate(sweep, metrics=("dist_k_rel", "rank_rel_1e2"), layers="hidden")
-    figure = Figure(figsize=(11, 4), layout="constrained")
+    figure = _figure(11, 4, wspace=0.25)
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     _lines_over_decay(left, table, "dist_k_rel_median", "depth", quartiles=True)
     left.set_ylabel("dist_k_rel (hidden layers)")
@@ -304,7 +325,7 @@ def tcv_figure(sweep: Sweep) -> Figure:
         f"SELECT r.depth, r.layer, r.weight_decay, median(r.tcv_rel) AS tcv_rel FROM {complete_rows('metrics')} GROUP BY ALL ORDER BY ALL"
     )
     depths = sorted(set(table["depth"].to_pylist()))
-    figure = Figure(figsize=(3.4 * max(1, len(depths)), 3.4), layout="constrained")
+    figure = _figure(3.4 * max(1, len(depths)) + 0.4, 3.6, wspace=0.4)
     for index, depth in enumerate(depths):
         ax = figure.add_subplot(1, len(depths), index + 1)
         _lines_over_decay(ax, table.filter(pc.equal(table["depth"], depth)), "tcv_rel", "layer", quartiles=False)
@@ -340,7 +361,7 @@ def trajectory_figure(sweep: Sweep) -> Figure:
     classes = sorted({k for _, _, k in class_counts(sweep)})
     depths = sorted(set(table["depth"].to_pylist()))
     panels = (("rank", "hidden rank_rel_1e2", False), ("tcv", "penultimate tcv_rel", True), ("stationarity", "stationarity (max over layers)", True))
-    figure = Figure(figsize=(3.3 * max(1, len(depths)), 2.6 * len(panels)), layout="constrained")
+    figure = _figure(3.3 * max(1, len(depths)) + 1.6, 2.6 * len(panels) + 0.5, right=1.4, wspace=0.4, hspace=0.6)
     decays = sorted(set(table["weight_decay"].to_pylist()))
     norm = LogNorm(min(decays), max(decays)) if decays and min(decays) > 0 and max(decays) > min(decays) else Normalize(0, 1)
     rows = table.to_pylist()
@@ -359,7 +380,7 @@ def trajectory_figure(sweep: Sweep) -> Figure:
             ax.set_title(f"depth {depth}", fontsize=9)
             ax.set_ylabel(label, fontsize=8)
             ax.set_xlabel("epoch", fontsize=8)
-    figure.colorbar(ScalarMappable(norm=norm, cmap="plasma"), ax=figure.axes, label="weight decay λ", shrink=0.6)
+    _side_colorbar(figure, ScalarMappable(norm=norm, cmap="plasma"), "weight decay λ")
     figure.suptitle("training trajectories (median over seeds; K dotted on the rank panels)")
     return figure
 
@@ -401,7 +422,7 @@ def objective_figure(sweep: Sweep) -> Figure:
     depths = sorted({r["depth"] for r in rows})
     if not depths:
         return _message_figure("no objective values: rows written before version 2 do not have them")
-    figure = Figure(figsize=(3.4 * max(1, len(depths)), 3.4), layout="constrained")
+    figure = _figure(3.4 * max(1, len(depths)) + 1.6, 3.6, right=1.4, left=0.9, wspace=0.45)
     decays = sorted({r["weight_decay"] for r in rows})
     norm = LogNorm(min(decays), max(decays)) if decays and min(decays) > 0 and max(decays) > min(decays) else Normalize(0, 1)
     for index, depth in enumerate(depths):
@@ -420,7 +441,7 @@ def objective_figure(sweep: Sweep) -> Figure:
         ax.set_title(f"depth {depth}", fontsize=9)
     agree, total = collapse_objective_concordance(table)
     verdict = f"{agree} of {total} pairs" if total else "no pairs"
-    figure.colorbar(ScalarMappable(norm=norm, cmap="plasma"), ax=figure.axes, label="weight decay λ", shrink=0.8)
+    _side_colorbar(figure, ScalarMappable(norm=norm, cmap="plasma"), "weight decay λ")
     figure.suptitle(f"objective against collapse within each cell: the more collapsed member has the lower F_λ in {verdict}", fontsize=9)
     return figure
 
@@ -447,7 +468,7 @@ def spectra_figure(sweep: Sweep, member_id: str | None = None) -> Figure:
     epochs = sorted(set(table["epoch"].to_pylist()))
     columns = min(4, len(layers))
     rows = math.ceil(len(layers) / columns)
-    figure = Figure(figsize=(3.2 * columns, 2.8 * rows), layout="constrained")
+    figure = _figure(3.2 * columns + 1.4, 2.8 * rows + 0.6, right=1.4, wspace=0.45, hspace=0.6)
     norm = Normalize(min(epochs), max(max(epochs), min(epochs) + 1))
     records = table.to_pylist()
     for index, layer in enumerate(layers):
@@ -459,7 +480,7 @@ def spectra_figure(sweep: Sweep, member_id: str | None = None) -> Figure:
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("index i")
         ax.set_ylabel("σ_i")
-    figure.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=figure.axes, label="epoch", shrink=0.8)
+    _side_colorbar(figure, ScalarMappable(norm=norm, cmap="viridis"), "epoch")
     figure.suptitle(f"singular values over epochs: member {member_id} (depth {first['depth']}, λ = {first['weight_decay']:.3g}, seed {first['seed']})")
     return figure
 
@@ -469,7 +490,7 @@ def forecast_figure(comparison: pa.Table, setup: ForecastSetup) -> Figure:
     the measured size (mean of the significant σ_i > 0.1 σ_1) with the forecast s* dashed (left),
     the measured count of significant σ_i with the forecast k dotted (middle), and the relative
     error |size − s*| / s* per cell (right)."""
-    figure = Figure(figsize=(15, 4.2), layout="constrained")
+    figure = _figure(15, 4.4, wspace=0.3)
     size_ax, count_ax, error_ax = (figure.add_subplot(1, 3, i) for i in (1, 2, 3))
     depth = np.asarray(comparison["depth"].to_pylist())
     decay = np.asarray(comparison["weight_decay"].to_pylist(), dtype=float)

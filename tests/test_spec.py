@@ -89,7 +89,7 @@ def test_every_job_loads_and_round_trips(path: Path) -> None:
 
 def test_job_member_counts() -> None:
     counts = {p.stem: len(load_spec(p).members()) for p in JOB_FILES if load_spec(p).search.mode == "grid"}
-    assert counts["quickstart"] == 80
+    assert counts["quickstart"] == 48
     assert counts["smoke"] == 8
     for name in ("mnist_mlp", "fashion_mnist_resmlp", "cifar10_mlp"):
         assert counts[name] >= 1000
@@ -97,10 +97,10 @@ def test_job_member_counts() -> None:
 
 def test_quickstart_members() -> None:
     members = load_spec(JOBS / "quickstart.yaml").members()
-    assert {m.dataset for m in members} == {"digits"}
-    assert sorted({m.depth for m in members}) == [3, 4, 6, 8]
+    assert {(m.dataset, m.loss, m.lr_schedule, m.lr_warmup_epochs) for m in members} == {("digits", "mse", "cosine", 20)}
+    assert sorted({m.depth for m in members}) == [4, 6, 8]
     decays = sorted({m.weight_decay for m in members})
-    assert len(decays) == 10 and decays[0] == 1e-4 and decays[-1] == 1e-1
+    assert len(decays) == 8 and decays[0] == 5e-4 and decays[-1] == 6.4e-2
     assert all(b / a == pytest.approx(decays[1] / decays[0], rel=1e-9) for a, b in zip(decays, decays[1:]))
     assert {m.seed for m in members} == {0, 1}
     assert members[0].evaluation_epochs()[0] == 0 and members[0].evaluation_epochs()[-1] == members[0].epochs
@@ -159,7 +159,7 @@ def test_dataset_axis_shares_options() -> None:
 
 def test_optuna_mode() -> None:
     spec = load_spec(JOBS / "optuna_boundary.yaml")
-    assert spec.search.num_samples == 24 and spec.search.objective.metric == "tcv_rel"
+    assert spec.search.num_samples == 24 and spec.search.objective.metric == "rank_rel_1e2"
     assert len(spec.grid_points()) == 6
     with pytest.raises(ValueError, match="optuna"):
         spec.members()
