@@ -199,9 +199,7 @@ counts AS (
     FROM finished GROUP BY ALL
 ),
 plan AS (
-    SELECT p.{qx} AS x, p.{qy} AS y, count(*) AS n_unfinished
-    FROM planned p ANTI JOIN members f ON p.sweep = f.sweep AND p.member_id = f.member_id
-    GROUP BY ALL
+    SELECT p.{qx} AS x, p.{qy} AS y, count(*) AS n_unfinished FROM {UNFINISHED_PLANNED} GROUP BY ALL
 )
 SELECT {epoch_key}x AS {qx}, y AS {qy},
     coalesce(n_complete, 0) AS n_complete, coalesce(n_diverged, 0) AS n_diverged,
@@ -349,6 +347,19 @@ def try_forecast_setup(sweep: Sweep, collapse_layer: int = 1, radius: float | No
         return forecast_setup(sweep, collapse_layer, radius), None
     except (ValueError, OSError) as error:
         return None, str(error)
+
+
+# SQL FROM clause: the planned members `p` that have no members row yet (not finished).
+UNFINISHED_PLANNED = "planned p ANTI JOIN members f ON p.sweep = f.sweep AND p.member_id = f.member_id"
+
+
+def certificate_counts(sweep: Sweep) -> dict[str, int]:
+    """Over every metrics row: {"ok", "n"} of bound_ok and {"perp_ok", "perp_n"} of bound_perp_ok
+    (rows written before version 2 have no bound_perp_ok and count in n only)."""
+    return sweep.sql(
+        """SELECT count(*) FILTER (WHERE bound_ok) AS ok, count(bound_ok) AS n,
+            count(*) FILTER (WHERE bound_perp_ok) AS perp_ok, count(bound_perp_ok) AS perp_n FROM metrics"""
+    ).to_pylist()[0]
 
 
 def complete_rows(view: str, epoch: int | Literal["final", "all"] = "final") -> str:

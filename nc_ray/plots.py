@@ -28,7 +28,9 @@ from matplotlib.collections import LineCollection
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from nc_ray.analysis import METADATA_KEY, PHASES, ForecastSetup, aggregate, class_counts, complete_rows, forecast_comparison
+from nc_ray.analysis import (
+    METADATA_KEY, PHASES, ForecastSetup, aggregate, certificate_counts, class_counts, complete_rows, forecast_comparison,
+)
 from nc_ray.query import Sweep
 
 PHASE_COLORS = {
@@ -241,10 +243,8 @@ def bound_figure(sweep: Sweep) -> Figure:
         WHERE r.b0 > 0 AND r.b0 < 'inf'::DOUBLE AND r.b0_perp IS NOT NULL AND r.sv_max >= 1e-10 AND r.dist_k > 0
         USING SAMPLE reservoir({MAX_POINTS} ROWS) REPEATABLE (0)"""
     )
-    stats = sweep.sql(
-        f"""SELECT (SELECT count(*) FILTER (WHERE bound_ok) FROM metrics) AS ok, (SELECT count(bound_ok) FROM metrics) AS n,
-            (SELECT count(*) FILTER (WHERE bound_perp_ok) FROM metrics) AS perp_ok, (SELECT count(bound_perp_ok) FROM metrics) AS perp_n,
-            median(r.bound_ratio) AS ratio, median(r.bound_perp_ratio) AS perp_ratio
+    stats = certificate_counts(sweep) | sweep.sql(
+        f"""SELECT median(r.bound_ratio) AS ratio, median(r.bound_perp_ratio) AS perp_ratio
         FROM {complete_rows("metrics")} WHERE r.layer < r.depth"""
     ).to_pylist()[0]
     layers = sorted(set(data["layer"].to_pylist())) or [1]

@@ -26,8 +26,10 @@ from nc_ray.analysis import (
     PHASES,
     ForecastSetup,
     PhaseThresholds,
+    UNFINISHED_PLANNED,
     aggregate,
     boundary_comparison,
+    certificate_counts,
     complete_rows,
     forecast_comparison,
     try_forecast_setup,
@@ -74,14 +76,9 @@ class SweepSummary:
 
 def summarize(sweep: Sweep) -> SweepSummary:
     statuses = {row["status"]: row["n"] for row in sweep.sql("SELECT status, count(*) AS n FROM members GROUP BY ALL").to_pylist()}
-    unfinished = sweep.sql(
-        "SELECT count(*) AS n FROM planned p ANTI JOIN members f ON p.sweep = f.sweep AND p.member_id = f.member_id"
-    )["n"][0].as_py()
+    unfinished = sweep.sql(f"SELECT count(*) AS n FROM {UNFINISHED_PLANNED}")["n"][0].as_py()
     rows = {table: sweep.sql(f"SELECT count(*) AS n FROM {table}")["n"][0].as_py() for table in TABLES}
-    bound = sweep.sql(
-        """SELECT count(*) FILTER (WHERE bound_ok) AS ok, count(bound_ok) AS n,
-            count(*) FILTER (WHERE bound_perp_ok) AS perp_ok, count(bound_perp_ok) AS perp_n FROM metrics"""
-    ).to_pylist()[0]
+    bound = certificate_counts(sweep)
     return SweepSummary(
         members={status: statuses.get(status, 0) for status in MEMBER_STATUSES}, unfinished=unfinished, rows=rows,
         bound_ok=bound["ok"], bound_checked=bound["n"], bound_perp_ok=bound["perp_ok"], bound_perp_checked=bound["perp_n"],
