@@ -3,6 +3,7 @@
     sweep = open_sweep("runs/quickstart")                 # or several dirs, or a glob
     sweep.sql("SELECT depth, avg(train_acc) FROM metrics GROUP BY depth")   # -> pyarrow.Table
     sweep.df("SELECT * FROM members")                     # -> pandas.DataFrame
+    sweep.pl("SELECT * FROM members")                     # -> polars.DataFrame (needs `pip install polars`)
     sweep.metrics(depth=4, epoch=400)                     # equality / IN filters -> pyarrow.Table
 
 Views (every one starts with a `sweep` column, the sweep directory's name):
@@ -94,7 +95,13 @@ def sweep_names(directories: Sequence[Path]) -> list[str]:
 
 
 class Sweep:
-    """A read-only DuckDB session over the views of one or more sweep directories (see module doc)."""
+    """A read-only DuckDB session over the views of one or more sweep directories (see module doc).
+
+    Results come in three formats, the same rows and columns in each:
+        sql(query)  pyarrow.Table      (also `select`, `members`, `metrics`, `spectra`)
+        df(query)   pandas.DataFrame
+        pl(query)   polars.DataFrame   (polars is optional: `pip install polars`)
+    """
 
     def __init__(self, directories: Sequence[Path]):
         self.directories = list(directories)
@@ -203,6 +210,14 @@ class Sweep:
     def df(self, query: str, params: Sequence[Any] | None = None):
         """`sql` as a pandas DataFrame."""
         return self.sql(query, params).to_pandas()
+
+    def pl(self, query: str, params: Sequence[Any] | None = None):
+        """`sql` as a polars DataFrame. Raises ImportError, before the query runs, when polars is not installed."""
+        try:
+            import polars  # optional: only this method needs it
+        except ImportError:
+            raise ImportError("Sweep.pl needs polars, which is not installed: pip install polars") from None
+        return polars.from_arrow(self.sql(query, params))
 
     def columns(self, view: str) -> list[str]:
         """Column names of a view."""
