@@ -41,7 +41,7 @@ MAX_ANNOTATED_CELLS = 400
 MAX_POINTS = 20_000  # scatter plots sample this many rows at most
 
 
-def _figure(width: float, height: float, *, left: float = 0.8, right: float = 0.3, bottom: float = 0.8, top: float = 0.55,
+def _figure(width: float, height: float, *, left: float = 1.0, right: float = 0.3, bottom: float = 0.8, top: float = 0.55,
             wspace: float = 0.35, hspace: float = 0.55) -> Figure:
     """A figure of width x height inches with fixed margins (inches) and gaps (fractions of an axes).
 
@@ -361,7 +361,7 @@ def trajectory_figure(sweep: Sweep) -> Figure:
     classes = sorted({k for _, _, k in class_counts(sweep)})
     depths = sorted(set(table["depth"].to_pylist()))
     panels = (("rank", "hidden rank_rel_1e2", False), ("tcv", "penultimate tcv_rel", True), ("stationarity", "stationarity (max over layers)", True))
-    figure = _figure(3.3 * max(1, len(depths)) + 1.6, 2.6 * len(panels) + 0.5, right=1.4, wspace=0.4, hspace=0.6)
+    figure = _figure(3.4 * max(1, len(depths)) + 1.8, 2.6 * len(panels) + 0.5, right=1.4, wspace=0.5, hspace=0.6)
     decays = sorted(set(table["weight_decay"].to_pylist()))
     norm = LogNorm(min(decays), max(decays)) if decays and min(decays) > 0 and max(decays) > min(decays) else Normalize(0, 1)
     rows = table.to_pylist()
