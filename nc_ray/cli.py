@@ -73,12 +73,20 @@ def _sweep(args: argparse.Namespace) -> int:
                 f"{first.describe_schedule()}"
             )
         return 0
+    from nc_ray.limits import LimitError, preflight
     from nc_ray.planning import sweep_status, sweep_store
 
-    SweepLock(sweep_store(args.storage, spec.name)).probe()
-    from nc_ray.sweep import run_sweep
+    try:
+        preflight(spec, args.spec, args.address)  # memory, the cluster's address: before Ray is imported or anything written
+        store = sweep_store(args.storage, spec.name)
+        if store.exists(".lock"):  # only an existing lock file can be held; probing makes the directory
+            SweepLock(store).probe()
+        from nc_ray.sweep import run_sweep
 
-    store = run_sweep(args.spec, args.storage, args.address)
+        store = run_sweep(args.spec, args.storage, args.address)
+    except LimitError as error:
+        print(f"nc-ray: {error}", file=sys.stderr)
+        return 2
     return _print_status(store.uri, sweep_status(store))
 
 
@@ -86,9 +94,14 @@ def _resume(args: argparse.Namespace) -> int:
     from nc_ray.planning import sweep_status
 
     SweepLock(_sweep_at(args.sweep_dir)).probe()
+    from nc_ray.limits import LimitError
     from nc_ray.sweep import resume_sweep
 
-    store = resume_sweep(args.sweep_dir, args.address)  # refuses a directory without resolved_spec.json
+    try:
+        store = resume_sweep(args.sweep_dir, args.address)  # refuses a directory without resolved_spec.json
+    except LimitError as error:
+        print(f"nc-ray: {error}", file=sys.stderr)
+        return 2
     return _print_status(store.uri, sweep_status(store))
 
 

@@ -31,20 +31,29 @@ Format (only `name` and `dataset.name` are required; the values shown are the de
       weight_decay: {low: 1.0e-5, high: 1.0e-1}    # log-uniform
       lr: {low: 0.01, high: 0.1}                    # optional, log-uniform
       objective: {metric: tcv_rel, layer: penultimate, target: 1.0e-2}
+    limits:                     # this job's limits; unset: $NC_RAY_MAX_<KEY> or the default (nc_ray.limits)
+      members: 100000           # grid members (the product of the axis lengths), or optuna trials x seeds
+      evaluations: 10000        # evaluations per member
+      epochs: 1000000
+      depth: 1000
+      pack_memory_gib: null     # null: half of the memory of the node a trial runs on
 
 Members of the grid are the cartesian product of the axes in the order of `AXES` (the last
 axis varies fastest), each axis in its listed order. The base values (model, training,
 dataset.name) are members' defaults and are validated even where an axis overrides them.
 Unknown keys are errors everywhere; numbers are never parsed from strings; ints are accepted
-where floats are expected, bools are not numbers. YAML `1e-3` (no dot) reads as a float, and
-a key repeated within one mapping is an error.
+where floats are expected, bools are not numbers; integers fit int64. YAML `1e-3` (no dot)
+reads as a float, and a key repeated within one mapping is an error. A spec file is read only
+within the limits of nc_ray.limits (its size, nesting depth and size with aliases expanded).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
+import reprlib
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -56,11 +65,13 @@ from pydantic_core import PydanticCustomError
 
 from nc_ray.config import ACTIVATIONS, ARCHITECTURES, LOSSES, LR_SCHEDULES, MemberConfig
 from nc_ray.data import dataset_names, dataset_params, n_classes_of
+from nc_ray.limits import DEPTH, EPOCHS, EVALUATIONS, INT64_MAX, MEMBERS, SPEC_BYTES, SPEC_DEPTH, SPEC_NODES, Limit, LimitError, evaluation_count
 from nc_ray.schema import FLAG_METRICS, LAYER_METRICS, MEMBER_METRICS
 
 AXES = ("dataset", "arch", "loss", "width", "depth", "lr", "weight_decay", "seed")
 OBJECTIVE_METRICS = tuple(m for m in (*LAYER_METRICS, *MEMBER_METRICS) if m not in FLAG_METRICS)  # flags are not quantities
 MAX_AXIS_LENGTH = 100_000
+MAX_PROBLEM_LINES = 50  # a list of 100,000 bad values is one mistake, not 100,000 lines to read
 _SIGNIFICANT_DIGITS = 12
 _TAGS = {"<list>", "<map>", "<str>", "<int>", "[key]"}  # pydantic loc parts that are not spec keys
 
@@ -97,13 +108,19 @@ def _path(loc: Loc) -> str:
     return text.lstrip(".") or "<top level>"
 
 
+# Bounded reprs: a value in an error message may be a list of 100,000 items or a long string.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 4, 8, 8, 8, 8
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 120, 60, 120
+
+
 def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format(error: ValidationError, source: str) -> str:
-    """One line per problem of a pydantic ValidationError."""
+    """One line per problem of a pydantic ValidationError (the first MAX_PROBLEM_LINES, then a count)."""
     lines = []
     for e in error.errors(include_url=False):
         if e["type"] == "spec":
@@ -114,6 +131,8 @@ def _format(error: ValidationError, source: str) -> str:
             msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             items = [(e["loc"], e["input"], msg)]
         lines += [f"{source}: {_path(loc)}: {_short(value)}: {msg}" for loc, value, msg in items]
+    if len(lines) > MAX_PROBLEM_LINES:
+        lines[MAX_PROBLEM_LINES:] = [f"{source}: ...: {len(lines) - MAX_PROBLEM_LINES} more problems not shown"]
     return "\n".join(lines)
 
 
@@ -152,11 +171,13 @@ def _known_dataset(name: str) -> str:
     return name
 
 
-PosInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Every integer is bounded to int64: members are rows of int64 columns. Larger but finite limits
+# (depth, epochs) are checked by SweepSpec against nc_ray.limits.
+PosInt = Annotated[int, Field(ge=1, le=INT64_MAX)]
+NonNegInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-Depth = Annotated[int, Field(ge=2)]
+Depth = Annotated[int, Field(ge=2, le=INT64_MAX)]
 AxisLength = Annotated[int, Field(ge=1, le=MAX_AXIS_LENGTH)]
 DatasetName = Annotated[str, AfterValidator(_known_dataset)]
 Arch = Literal[ARCHITECTURES]
@@ -287,6 +308,12 @@ class GridSpec(_Model):
         axes = {name: getattr(self, name) for name in AXES if getattr(self, name) is not None}
         return {name: list(v) if isinstance(v, list) else v.values() for name, v in axes.items()}
 
+    def lengths(self) -> dict[str, int]:
+        """The number of values of each given axis, in `AXES` order, without expanding any."""
+        axes = {name: getattr(self, name) for name in AXES if getattr(self, name) is not None}
+        return {name: len(v) if isinstance(v, list) else v.num if isinstance(v, LogRange) else v.count
+                for name, v in axes.items()}
+
 
 class MetricsSpec(_Model):
     every: PosInt | None = None
@@ -337,6 +364,18 @@ class SearchSpec(_Model):
         return self
 
 
+class LimitsSpec(_Model):
+    """This job's own limits (see nc_ray.limits); one not set here comes from its $NC_RAY_MAX_*
+    variable or its default. `SweepSpec.resolved()` records the values in force, so that workers
+    and resumes check against the limits the sweep started with."""
+
+    members: PosInt | None = None
+    evaluations: PosInt | None = None
+    epochs: PosInt | None = None
+    depth: Depth | None = None
+    pack_memory_gib: PosFloat | None = None
+
+
 def _param_ok(default: Any, value: Any) -> bool:
     """`value` has the kind of the dataset param's `default` (ints pass for floats, bools only for bools)."""
     if isinstance(default, bool) or isinstance(value, bool):
@@ -360,6 +399,7 @@ class SweepSpec(_Model):
     metrics: MetricsSpec = MetricsSpec()
     resources: ResourcesSpec = ResourcesSpec()
     search: SearchSpec = SearchSpec()
+    limits: LimitsSpec = LimitsSpec()
 
     @property
     def datasets(self) -> list[str]:
@@ -416,6 +456,46 @@ class SweepSpec(_Model):
         _fail(problems)
         return self
 
+    def limit(self, limit: Limit) -> int:
+        """The value of a limit with a key under `limits:` in force for this spec (nc_ray.limits)."""
+        return limit.value(getattr(self.limits, limit.key))
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> SweepSpec:
+        """Members, evaluations, epochs and depth within their limits, counted without expanding anything."""
+        values: dict[str, int] = {}
+        problems: list[Problem] = []
+        for limit in (MEMBERS, EVALUATIONS, EPOCHS, DEPTH):
+            try:
+                values[limit.key] = self.limit(limit)
+            except LimitError as e:
+                problems.append((("limits", limit.key), _MISSING, str(e)))
+        _fail(problems)
+
+        def over(limit: Limit) -> str:
+            return f"above the limit of {values[limit.key]} ({limit.what}); {limit.how_to_raise}"
+
+        lengths = self.grid.lengths()
+        if self.search.mode == "grid" and math.prod(lengths.values()) > values["members"]:
+            axes = " x ".join(f"{axis} {n}" for axis, n in lengths.items())
+            problems.append((("grid",), math.prod(lengths.values()), f"members ({axes}), {over(MEMBERS)}"))
+        seeds = lengths.get("seed", 1)
+        if self.search.mode == "optuna" and self.search.num_samples * seeds > values["members"]:
+            problems.append((("search", "num_samples"), self.search.num_samples,
+                             f"trials of {seeds} seeds each make {self.search.num_samples * seeds} members, {over(MEMBERS)}"))
+        epochs = self.training.epochs
+        if epochs > values["epochs"]:
+            problems.append((("training", "epochs"), epochs, over(EPOCHS)))
+        evaluations = evaluation_count(epochs, self.metric_every, self.metrics.initial)
+        if evaluations > values["evaluations"]:
+            problems.append((("metrics", "every"), self.metric_every,
+                             f"evaluates each member {evaluations} times in {epochs} epochs, {over(EVALUATIONS)}; "
+                             "or evaluate less often"))
+        problems += [(loc, depth, over(DEPTH)) for loc, depth in self._values("depth", self.model.depth, ("model", "depth"))
+                     if depth > values["depth"]][:1]
+        _fail(problems)
+        return self
+
     def member(self, **overrides: Any) -> MemberConfig:
         """The base config with some grid axes (keys of `AXES`) overridden."""
         unknown = sorted(set(overrides) - set(AXES))
@@ -458,14 +538,67 @@ class SweepSpec(_Model):
         data["grid"] = self.grid.axes()
         data["metrics"]["every"] = self.metric_every
         data["search"] = {k: v for k, v in data["search"].items() if v is not None}
+        data["limits"] |= {limit.key: self.limit(limit) for limit in (MEMBERS, EVALUATIONS, EPOCHS, DEPTH)}
         return data
 
 
 # ---------------------------------------------------------------- loading
 
 
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that rejects duplicate keys and reads 1e-3 (no dot) as a float, as YAML 1.2 does."""
+class _TooLarge(yaml.MarkedYAMLError):
+    """A YAML document beyond a limit of nc_ray.limits (its problem says which and how to raise it)."""
+
+
+# libyaml's parser where PyYAML has it: ten times faster than the pure-Python one.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_size(text: str, max_depth: int, max_nodes: int) -> None:
+    """_TooLarge if the document nests more than `max_depth` collections deep or holds more than
+    `max_nodes` nodes (keys, values, items) with every alias expanded. Counted over the parser's
+    events, before anything is composed or built: an alias adds the expanded size of the node it
+    names, so a "billion laughs" costs its size in the file, not its expansion."""
+    anchored: dict[str, int] = {}
+    open_collections: list[list[Any]] = []  # [anchor, expanded size so far, start mark]
+
+    def add(size: int) -> None:
+        if open_collections:
+            parent = open_collections[-1]
+            parent[1] += size
+            if parent[1] > max_nodes:
+                raise _TooLarge(problem=f"this value holds more than the limit of {max_nodes} ({SPEC_NODES.what}); "
+                                        f"{SPEC_NODES.how_to_raise}", problem_mark=parent[2])
+
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_collections) >= max_depth:
+                raise _TooLarge(problem=f"nested deeper than the limit of {max_depth} levels ({SPEC_DEPTH.what}); "
+                                        f"{SPEC_DEPTH.how_to_raise}", problem_mark=event.start_mark)
+            open_collections.append([event.anchor, 1, event.start_mark])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, size, _ = open_collections.pop()
+            if anchor is not None:
+                anchored[anchor] = size
+            add(size)
+        elif isinstance(event, yaml.AliasEvent):
+            if any(event.anchor == anchor for anchor, _, _ in open_collections):
+                raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it", event.start_mark)
+            add(anchored.get(event.anchor, 1))  # an undefined alias is reported by the composer
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                anchored[event.anchor] = 1
+            add(1)
+
+
+class _Loader(_SafeLoader):
+    """yaml's safe loader that rejects duplicate keys, reads 1e-3 (no dot) as a float, as YAML 1.2
+    does, and reports integers too long for Python (sys.get_int_max_str_digits) as YAML errors."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError as e:
+            raise yaml.constructor.ConstructorError(None, None, str(e).split(";")[0], node.start_mark) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -473,7 +606,7 @@ class _Loader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, Hashable):
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_short(key)}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -483,6 +616,7 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
@@ -496,16 +630,34 @@ def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a YAML spec file (safe loading only)."""
+    """Read and validate a YAML spec file (safe loading only), within the limits of nc_ray.limits:
+    at most $NC_RAY_MAX_SPEC_BYTES bytes are read, and the nesting depth and the size with every
+    alias expanded are counted over YAML's events, before anything is composed or built."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        max_bytes, max_depth, max_nodes = SPEC_BYTES.value(), SPEC_DEPTH.value(), SPEC_NODES.value()
+    except LimitError as e:
+        raise SpecError(f"{path}: {e}") from None
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size  # 0 for a device or a pipe: the read stops them
+            content = file.read(max_bytes + 1) if size <= max_bytes else b""
+        text = content.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot read the spec: {getattr(e, 'strerror', None) or e}") from None
+    if size > max_bytes or len(content) > max_bytes:
+        found = f"{size} bytes" if size > max_bytes else f"more than {max_bytes} bytes"
+        raise SpecError(f"{path}: {found}, above the limit of {max_bytes} {SPEC_BYTES.what}; {SPEC_BYTES.how_to_raise}")
+    loader = None
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        _check_size(text, max_depth, max_nodes)
+        loader = _Loader(text)
+        data = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<yaml>"
         problem = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
-        raise SpecError(f"{path}: {where}: invalid YAML: {problem}") from None
+        raise SpecError(f"{path}: {where}: {'' if isinstance(e, _TooLarge) else 'invalid YAML: '}{problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     return parse_spec(data, str(path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from nc_ray._version import __version__
 from nc_ray.config import PackPlan
+from nc_ray.limits import RESOURCES_WAIT_S, LimitError, check_pack_memory, check_this_machine, missing_resources, reachable_address
 from nc_ray.planning import FINISHED, objective_value, plan_sweep, sweep_store
 from nc_ray.spec import SweepSpec, load_spec, parse_spec
 from nc_ray.store import SweepLock, SweepStore
@@ -31,15 +33,67 @@ from nc_ray.trial import read_state, run_pack, write_state
 logger = logging.getLogger(__name__)
 
 
-def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` / $RAY_ADDRESS, or start an embedded Ray sized to this machine."""
+def connect(address: str | None = None) -> bool:
+    """Join the cluster at `address` / $RAY_ADDRESS once its port answers (`reachable_address`:
+    ray.init would retry a dead address for minutes), or start an embedded Ray sized to this
+    machine. True when this process joins a cluster (or Ray is already initialized), False when
+    it starts an embedded Ray, which no node will ever join."""
     if ray.is_initialized():
-        return
+        return True
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        ray.init(address=reachable_address(address))
+        return True
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    return False
+
+
+def _node_resources() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def check_cluster(spec: SweepSpec, source: str, *, joined: bool) -> None:
+    """LimitError unless a node of the cluster can run one trial of `spec` (its resources.cpu and
+    .gpu on one node), before Tune would wait for one forever; on a joined cluster, also the largest
+    pack's memory against the largest node that fits a trial (memory and object store).
+
+    A joined cluster may autoscale: it is asked for one trial's resources and given up to
+    $NC_RAY_MAX_RESOURCES_WAIT_S to add a node. Nothing joins an embedded Ray: no wait there.
+    """
+    request = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
+    wait = RESOURCES_WAIT_S.value() if joined else 0.0
+    nodes = _node_resources()
+    missing = missing_resources(request, nodes)
+    if missing is not None and wait > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        logger.warning("%s: %s; asking the autoscaler for one and waiting up to %g s", source, missing, wait)
+        deadline = time.monotonic() + wait
+        request_resources(bundles=[{name: amount for name, amount in request.items() if amount > 0}])
+        try:
+            while missing is not None and time.monotonic() < deadline:
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                nodes = _node_resources()
+                missing = missing_resources(request, nodes)
+        finally:
+            request_resources(bundles=[])  # the request lasts until replaced: Tune's trials ask for themselves
+    if missing is not None:
+        waited = f" after waiting {wait:g} s for the autoscaler" if wait > 0 else ""
+        longer = f", or wait longer: {RESOURCES_WAIT_S.how_to_raise}" if joined else ""
+        raise LimitError(f"{source}: {missing}{waited}; lower resources.cpu / resources.gpu, or run on a cluster "
+                         f"with such a node{longer}")
+    memory = max(node.get("memory", 0) + node.get("object_store_memory", 0)
+                 for node in nodes if missing_resources(request, [node]) is None)
+    if joined and memory > 0:  # an embedded Ray's node was checked before it started; 0: not reported
+        check_pack_memory(spec, source, int(memory), "the largest node that fits a trial")
+
+
+def _start_ray(spec: SweepSpec, source: str, address: str | None) -> None:
+    """`connect`, then `check_cluster`; an embedded Ray starts only once this machine can run a
+    trial of the spec (`check_this_machine`)."""
+    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        check_this_machine(spec, source)
+    check_cluster(spec, source, joined=connect(address))
 
 
 @contextlib.contextmanager
@@ -177,24 +231,38 @@ def _tune_runs(store: SweepStore) -> list[str]:
     return store.read_json("sweep.json")["tune_runs"] if store.exists("sweep.json") else []
 
 
+def _error_message(error: BaseException) -> str:
+    """`<type>: <message>` of a trial's error (a RayTaskError's cause is the trial's own), at most 2000 characters."""
+    cause = getattr(error, "cause", None) or error
+    try:
+        text = str(cause)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails still has a type to report
+        text = "<its message cannot be shown>"
+    return f"{type(cause).__name__}: {text}"[:2000]
+
+
 def _record_failures(store: SweepStore, results) -> int:
-    """Members of trials that errored past max_failures get a `failed` row with the error."""
+    """Members of trials that errored past max_failures get a `failed` row with the error; return
+    how many. Recording never stops the driver: a failure that cannot be written (the storage that
+    failed the trial fails again, a row does not fit the table) is logged with its error instead."""
     failed = 0
     statuses = store.member_statuses()
     for result in results:
         if result.error is None or "pack_id" not in (result.config or {}):
             continue
-        pack = store.read_pack(result.config["pack_id"])
-        if all(statuses.get(m.member_id) in FINISHED for m in pack.members):
-            continue
-        cause = getattr(result.error, "cause", None) or result.error  # a RayTaskError's cause is the trial's own error
-        message = f"{type(cause).__name__}: {cause}"[:2000]
-        rows = [{**m.record(), "pack_id": pack.pack_id, "status": "failed", "error": message, "nc_ray_version": __version__} for m in pack.members]
+        pack_id, message = result.config["pack_id"], _error_message(result.error)
         try:
-            store.write_table("members", pack.pack_id, rows)
-        except OSError as error:  # the storage that failed the trial may fail this write too
-            logger.error("pack %s failed (%s); its failure could not be recorded: %s", pack.pack_id, message, error)
-        failed += len(pack.members)
+            pack = store.read_pack(pack_id)
+            if all(statuses.get(m.member_id) in FINISHED for m in pack.members):
+                continue
+            rows = [{**m.record(), "pack_id": pack_id, "status": "failed", "error": message, "nc_ray_version": __version__}
+                    for m in pack.members]
+            store.write_table("members", pack_id, rows)
+        except Exception as error:  # noqa: BLE001 - whatever fails here, the trial's error must reach the user
+            logger.error("pack %s failed (%s); its failure could not be recorded in the members table: %s",
+                         pack_id, message, _error_message(error))
+            continue
+        failed += len(rows)
     return failed
 
 
@@ -205,11 +273,16 @@ def run_sweep(
     show_progress: bool = True,
     filesystem: pafs.FileSystem | None = None,
 ) -> SweepStore:
-    """Train every member of the spec not yet finished in `<storage>/<name>`; return the sweep's store."""
+    """Train every member of the spec not yet finished in `<storage>/<name>`; return the sweep's store.
+
+    LimitError, before the lock is taken or anything is written, when the sweep would exhaust or
+    block the machine (nc_ray.limits): its largest pack's memory, a cluster address that does not
+    answer, or trial resources that no node has.
+    """
     spec = load_spec(spec_path)
+    _start_ray(spec, str(spec_path), address)
     store = sweep_store(storage, spec.name, filesystem)
     with SweepLock(store):
-        connect(address)
         store.write_bytes("spec.yaml", Path(spec_path).read_bytes())
         store.write_json("resolved_spec.json", spec.resolved())
         _train_unfinished(spec, store, show_progress)
@@ -232,9 +305,10 @@ def resume_sweep(
     store = SweepStore(os.fspath(sweep), filesystem)
     if not store.exists("resolved_spec.json"):
         raise FileNotFoundError(f"{store.uri}: not a sweep directory (no resolved_spec.json)")
-    spec = parse_spec(store.read_json("resolved_spec.json"), source=store.path("resolved_spec.json"))
+    source = store.path("resolved_spec.json")
+    spec = parse_spec(store.read_json("resolved_spec.json"), source=source)
+    _start_ray(spec, source, address)
     with SweepLock(store):
-        connect(address)
         if spec.search.mode == "grid":
             _train_unfinished(spec, store, show_progress)
         else:
