@@ -64,7 +64,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 from pydantic_core import PydanticCustomError
 
 from nc_ray.config import ACTIVATIONS, ARCHITECTURES, LOSSES, LR_SCHEDULES, MemberConfig
-from nc_ray.data import dataset_names, dataset_params, n_classes_of
+from nc_ray.data import ParamError, dataset_names, dataset_params, n_classes_of, resolve_params
 from nc_ray.limits import DEPTH, EPOCHS, EVALUATIONS, INT64_MAX, MEMBERS, SPEC_BYTES, SPEC_DEPTH, SPEC_NODES, Limit, LimitError, evaluation_count
 from nc_ray.schema import FLAG_METRICS, LAYER_METRICS, MEMBER_METRICS
 
@@ -239,6 +239,11 @@ def _axis(item: Any, mapping: Any = None) -> Any:
 
 
 class DatasetSpec(_Model):
+    """`params` are checked, values too, by `nc_ray.data.resolve_params` without loading data (but
+    `arrays` reads its file whole). With one dataset in play, `SweepSpec` adds the values the
+    dataset pins (`arrays`: its file's absolute path, sha256 and K; `mnist1d`: every generator
+    argument). A relative `path` is relative to the current directory."""
+
     name: DatasetName
     n_per_class: PosInt | None = None
     standardize: bool = True
@@ -419,7 +424,7 @@ class SweepSpec(_Model):
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
         problems: list[Problem] = []
-        n_classes = {}
+        n_classes, resolved = {}, {}
         for name in self.datasets:
             accepted = dataset_params(name)
             bad = [((k,), v, f"unknown parameter for dataset {name!r}; accepted: {', '.join(accepted) or '(none)'}")
@@ -427,10 +432,16 @@ class SweepSpec(_Model):
                    for k, v in self.dataset.params.items() if k not in accepted or not _param_ok(accepted[k], v)]
             if not bad:
                 try:
-                    n_classes[name] = n_classes_of(name, **self.dataset.params)
-                except ValueError as e:
-                    bad = [((), self.dataset.params, f"dataset {name!r}: {e}")]
+                    resolved[name] = resolve_params(name, self.dataset.params)
+                    n_classes[name] = n_classes_of(name, **resolved[name])
+                except ParamError as e:
+                    bad = [((e.key,), e.value, f"dataset {name!r}: {e.why}")]
             problems += [(("dataset", "params", *loc), v, msg) for loc, v, msg in bad]
+        if len(resolved) == len(self.datasets) == 1:
+            # The pinned params replace the given ones (once, before anything reads them), so that
+            # resolved() and every member carry them. Params shared by a dataset axis stay as given:
+            # a dataset that pins values has params no other dataset accepts.
+            object.__setattr__(self, "dataset", self.dataset.model_copy(update={"params": resolved[self.dataset.name]}))
         for loc, width in self._values("width", self.model.width, ("model", "width")):
             problems += [(loc, width, f"must be >= {k}, the number of classes of dataset {name!r}")
                          for name, k in n_classes.items() if width < k][:1]

@@ -105,7 +105,7 @@ def test_standardize_uses_train_statistics():
 
 
 def test_registry_introspection():
-    assert dataset_names() == ["gaussian", "digits", "mnist", "fashion_mnist", "cifar10"]
+    assert dataset_names() == ["gaussian", "digits", "mnist", "fashion_mnist", "cifar10", "mnist1d", "arrays"]
     assert dataset_params("gaussian") == {"n_classes": 4, "dim": 32, "samples_per_class": 100,
                                           "test_samples_per_class": 100, "spread": 1.0, "data_seed": 0}
     assert dataset_params("digits") == {"test_fraction": 0.2, "split_seed": 0}

@@ -56,7 +56,15 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+class ParamError(ValueError):
+    """A bad dataset parameter or option: `key` names it, `value` is what was given, `why` says what is wrong."""
+
+    def __init__(self, key: str, value: object, why: str):
+        super().__init__(f"{key}={value!r}: {why}")
+        self.key, self.value, self.why = key, value, why
+
+
 def require(ok: bool, key: str, value: object, why: str) -> None:
-    """Raise ValueError naming `key` and `value` unless `ok`."""
+    """Raise ParamError naming `key` and `value` unless `ok`."""
     if not ok:
-        raise ValueError(f"{key}={value!r}: {why}")
+        raise ParamError(key, value, why)

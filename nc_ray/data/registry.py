@@ -1,59 +1,101 @@
-"""The dataset registry and `load_dataset`: name -> loader, plus the options common to all datasets."""
+"""The dataset registry and `load_dataset`: name -> loader, plus the options common to all datasets.
+
+A dataset is a function returning `Arrays`; its keyword parameters and their defaults are the
+dataset's params. Each is registered with a check of its complete params that loads nothing
+(run by `load_dataset` and by spec validation through `resolve_params`), its K, and optionally a
+`pin`: the values `resolve_params` adds to the params, so that the resolved spec and member ids
+carry them (`arrays`: the file's sha256 and K; `mnist1d`: every generator argument).
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from nc_ray.data.arrays import arrays, check_arrays, n_classes_of_arrays, pin_arrays
 from nc_ray.data.base import Arrays, Dataset, is_int, require
 from nc_ray.data.cifar import cifar10
-from nc_ray.data.digits import digits
+from nc_ray.data.digits import check_digits, digits
 from nc_ray.data.idx import fashion_mnist, mnist
-from nc_ray.data.synthetic import check_n_classes, gaussian
+from nc_ray.data.mnist1d import check_mnist1d, mnist1d
+from nc_ray.data.synthetic import check_gaussian, gaussian
 
-_LOADERS: dict[str, Callable[..., Arrays]] = {
-    "gaussian": gaussian,
-    "digits": digits,
-    "mnist": mnist,
-    "fashion_mnist": fashion_mnist,
-    "cifar10": cifar10,
+Params = Mapping[str, Any]
+
+
+def _no_params(params: Params) -> None:
+    """The check of a dataset without params: `_complete` refuses any key."""
+
+
+def _ten_classes(params: Params) -> int:
+    return 10
+
+
+@dataclass(frozen=True)
+class _Registered:
+    load: Callable[..., Arrays]  # the dataset function; its keyword params are the dataset's params
+    check: Callable[[Params], None]  # complete params -> ParamError unless valid; loads nothing
+    n_classes: Callable[[Params], int]  # K from complete, checked params
+    pin: Callable[[Params], dict[str, Any]] | None = None  # complete, checked params -> the values to pin
+
+
+_DATASETS: dict[str, _Registered] = {
+    "gaussian": _Registered(gaussian, check_gaussian, lambda params: int(params["n_classes"])),
+    "digits": _Registered(digits, check_digits, _ten_classes),
+    "mnist": _Registered(mnist, _no_params, _ten_classes),
+    "fashion_mnist": _Registered(fashion_mnist, _no_params, _ten_classes),
+    "cifar10": _Registered(cifar10, _no_params, _ten_classes),
+    "mnist1d": _Registered(mnist1d, check_mnist1d, _ten_classes, pin=dict),  # every generator argument
+    "arrays": _Registered(arrays, check_arrays, n_classes_of_arrays, pin_arrays),
 }
-# Class counts known without loading; a dataset missing here takes K from its n_classes param.
-_FIXED_N_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 
 
 def dataset_names() -> list[str]:
     """The registered dataset names."""
-    return list(_LOADERS)
+    return list(_DATASETS)
 
 
-def _loader(name: str) -> Callable[..., Arrays]:
-    if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(_LOADERS)}")
-    return _LOADERS[name]
+def _registered(name: str) -> _Registered:
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(_DATASETS)}")
+    return _DATASETS[name]
 
 
 def dataset_params(name: str) -> dict[str, object]:
     """The dataset-specific keyword parameters of `name` and their defaults."""
-    return {p.name: p.default for p in inspect.signature(_loader(name)).parameters.values()}
+    return {p.name: p.default for p in inspect.signature(_registered(name).load).parameters.values()}
 
 
-def _check_keys(name: str, params: dict[str, object]) -> None:
-    accepted = dataset_params(name)
-    unknown = sorted(set(params) - set(accepted))
+def _complete(name: str, params: Params) -> dict[str, Any]:
+    """`params` over the defaults of `name`, checked: unknown keys and bad values raise, naming them.
+    Integers given for float params become floats, so equal params compare (and hash) equal."""
+    defaults = dataset_params(name)
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for dataset {name!r}; "
-                         f"accepted: {', '.join(accepted) or '(none)'}")
+                         f"accepted: {', '.join(defaults) or '(none)'}")
+    _registered(name).check(defaults | params)
+    return defaults | {k: float(v) if is_int(v) and isinstance(defaults[k], float) else v for k, v in params.items()}
+
+
+def resolve_params(name: str, params: Params) -> dict[str, Any]:
+    """`params` checked for dataset `name` (values too, with the defaults of the params not given)
+    without loading data, with the values the dataset pins added: `mnist1d` every generator
+    argument; `arrays` reads its file whole, checks it, and pins its absolute path, sha256 and K.
+    Raises ParamError (a ValueError) naming the param."""
+    registered = _registered(name)
+    complete = _complete(name, params)
+    return {**params, **registered.pin(complete)} if registered.pin is not None else dict(params)
 
 
 def n_classes_of(name: str, **params: object) -> int:
-    """K for dataset `name` with these dataset params, without loading any data."""
-    _check_keys(name, params)
-    if name in _FIXED_N_CLASSES:
-        return _FIXED_N_CLASSES[name]
-    return check_n_classes(params.get("n_classes", dataset_params(name)["n_classes"]))
+    """K for dataset `name` with these dataset params, without loading data (`arrays` without a
+    pinned n_classes reads its file)."""
+    return _registered(name).n_classes(_complete(name, params))
 
 
 def balanced_subset(y: np.ndarray, n_classes: int, n_per_class: int, seed: int) -> np.ndarray:
@@ -95,12 +137,11 @@ def load_dataset(
     """Load dataset `name` with its params, then: balanced train subsample, scale pixels to [0, 1],
     standardize with train statistics, flatten to (N, d). Same arguments -> bitwise identical tensors.
     """
-    loader = _loader(name)
-    _check_keys(name, params)
+    complete = _complete(name, params)
     require(n_per_class is None or is_int(n_per_class), "n_per_class", n_per_class, "must be an integer or None")
     require(is_int(subsample_seed) and subsample_seed >= 0, "subsample_seed", subsample_seed,
             "must be an integer >= 0")
-    a = loader(**params)
+    a = _registered(name).load(**complete)
     x_train, y_train = a.x_train, a.y_train
     if n_per_class is not None:
         keep = balanced_subset(y_train, a.n_classes, int(n_per_class), int(subsample_seed))
