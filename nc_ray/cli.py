@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nc_ray.spec import SpecError, load_spec
-from nc_ray.store import SweepBusyError, SweepLock, SweepStore
+from nc_ray.store import SweepBusyError, SweepFencedError, SweepLock, SweepStore, redact
 
 # What makes a directory a sweep's: resolved_spec.json, written when `nc-ray sweep` starts, or
 # tables/ (results copied without the rest).
@@ -33,7 +33,14 @@ def _sweep_at(where: str | Path) -> SweepStore:
     """The store of the sweep directory `where` (a path or URI); FileNotFoundError unless it is one (see SWEEP_MARKERS)."""
     store = SweepStore(str(where))
     if not any(store.exists(marker) for marker in SWEEP_MARKERS):
-        raise FileNotFoundError(f"{where}: not a sweep directory (it holds neither resolved_spec.json nor tables/)")
+        if store.exists(".lock") or store.exists("spec.yaml"):  # what `nc-ray sweep` writes before resolved_spec.json
+            copy = f" (a copy of it is {store.uri}/spec.yaml)" if store.exists("spec.yaml") else ""
+            raise FileNotFoundError(
+                f"{store.uri}: a sweep was started here but stopped before it recorded its job (no resolved_spec.json), "
+                f"so nothing was trained and there is nothing to resume; start it again with "
+                f"`nc-ray sweep JOB.yaml --storage {store.uri.rpartition('/')[0] or '/'}`, JOB.yaml being the job it was started with{copy}"
+            )
+        raise FileNotFoundError(f"{store.uri}: not a sweep directory (it holds neither resolved_spec.json nor tables/)")
     return store
 
 
@@ -108,21 +115,23 @@ def _resume(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from nc_ray.planning import sweep_status
 
-    return _print_status(args.sweep_dir, sweep_status(_sweep_at(args.sweep_dir)))
+    store = _sweep_at(args.sweep_dir)
+    return _print_status(store.uri, sweep_status(store))
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from nc_ray.schema import TABLES
+    from nc_ray.integrity import check_sweep
 
     store = _sweep_at(args.sweep_dir)
-    broken = [path for table in TABLES for path in store.unreadable_files(table)]
-    for path in broken:
-        print(f"unreadable: {path}" + (f" -> moved with its pack's members row to {', '.join(store.quarantine(path))}" if args.quarantine else ""))
-    if not broken:
-        print(f"{store.uri}: every table file reads")
+    problems = check_sweep(store).problems
+    for problem in problems:
+        moved = store.quarantine(problem.path, problem.pack_id) if args.quarantine and problem.movable else []
+        print(str(problem) + (f" -> moved to {', '.join(moved)}" if moved else ""))
+    if not problems:
+        print(f"{store.uri}: every table file reads whole and holds the rows its name says; every finished member has all its rows")
     elif args.quarantine:
-        print(f"run `nc-ray resume {store.uri}` to retrain the packs whose files were moved")
-    return 1 if broken and not args.quarantine else 0
+        print(f"run `nc-ray resume {store.uri}` to retrain the packs named")
+    return 1 if problems and not args.quarantine else 0
 
 
 def _print_status(where: str, status) -> int:
@@ -135,10 +144,13 @@ def _print_status(where: str, status) -> int:
         print(f"  (running: evaluated and unfinished; if no nc-ray driver is running, `nc-ray resume {where}` continues them)")
     for member_id, error in sorted(status.errors.items()):
         print(f"  failed {member_id}: {error}")
-    for path in status.unreadable:
-        print(f"  unreadable (its members count as unfinished; `nc-ray resume` retrains them): {path}")
+    if status.problems:
+        print(f"  damage (`nc-ray resume {where}` moves damaged files into quarantine/ and retrains their packs, whose members count as pending):")
+    for problem in status.problems:
+        repaired = problem.pack_id is not None or problem.movable
+        print(f"    {problem}" + ("" if repaired else " [not repaired by resume]"))
     print(f"tables: {where}/tables/{{members,metrics,spectra}}")
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or status.problems else 0
 
 
 def _exits_2_on_query_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -151,7 +163,7 @@ def _exits_2_on_query_errors(handler: Callable[[argparse.Namespace], int]) -> Ca
         try:
             return handler(args)
         except (QueryError, ValueError) as error:
-            print(f"nc-ray: {error}", file=sys.stderr)
+            print(f"nc-ray: {redact(str(error))}", file=sys.stderr)
             return 2
 
     return run
@@ -351,8 +363,16 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--member", default=None, help="member_id whose spectra are plotted over epochs (default: a complete member mid-grid)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error messages `redact`ed: an argument may be a URI with credentials.
+    Subcommand parsers are of the same class (argparse makes them with type(parent))."""
+
+    def error(self, message: str):
+        super().error(redact(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nc-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="nc-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     address_help = "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
 
@@ -369,13 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", type=_address, default=os.environ.get("RAY_ADDRESS"), help=address_help)
     resume.set_defaults(handler=_resume)
 
-    status = commands.add_parser("status", help="members complete / running / pending / diverged / failed")
+    status = commands.add_parser("status", help="members complete / running / pending / diverged / failed, and any damage to the tables")
     status.add_argument("sweep_dir", type=_location)
     status.set_defaults(handler=_status)
 
-    doctor = commands.add_parser("doctor", help="list table files that do not read as Parquet; --quarantine moves them aside")
+    doctor = commands.add_parser("doctor", help="check every table file whole and every finished member's rows; --quarantine moves damaged files aside")
     doctor.add_argument("sweep_dir", type=_location)
-    doctor.add_argument("--quarantine", action="store_true", help="move them to <sweep>/quarantine/ so that reads and queries skip them")
+    doctor.add_argument("--quarantine", action="store_true", help="move damaged files (and their packs' members rows) to <sweep>/quarantine/; `resume` does this too")
     doctor.set_defaults(handler=_doctor)
 
     query = commands.add_parser("query", help="SQL over the views members, metrics, spectra, planned (read-only)")
@@ -413,10 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except SpecError as error:
-        print(f"nc-ray: invalid job spec\n{error}", file=sys.stderr)
+        print(f"nc-ray: invalid job spec\n{redact(str(error))}", file=sys.stderr)
         return 2
-    except (SweepBusyError, FileNotFoundError, KeyError) as error:
-        print(f"nc-ray: {error}", file=sys.stderr)
+    except (SweepBusyError, SweepFencedError, KeyError, OSError) as error:
+        # OSError: a path that is missing, unwritable or read-only, a full disk, storage out of reach.
+        print(f"nc-ray: {redact(str(error))}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,9 @@
 `plan_sweep` turns a spec and a sweep directory into packs (`PackPlan`s) of the members not yet
 finished; `sweep_status` counts members by state from the sweep directory alone. Both are what
 `nc-ray sweep --dry-run` and `nc-ray status` run, so they import neither Ray nor torch; the Tune
-runner (`nc_ray.sweep`) calls the same functions.
+runner (`nc_ray.sweep`) calls the same functions. Both go by `nc_ray.integrity.check_sweep`: a
+member counts as finished only if its pack's files hold every row they should, so a damaged pack
+(a file gone, unreadable, foreign or holding the wrong rows) is planned again like an unfinished one.
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from nc_ray.config import MemberConfig, PackPlan
+from nc_ray.integrity import FINISHED, Problem, SweepCheck, check_sweep
 from nc_ray.spec import SweepSpec
 from nc_ray.store import SweepStore
 
 MAX_AUTO_PACK_SIZE = 64
-FINISHED = ("complete", "diverged")
 
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """The packs that finish a sweep, with the counts `--dry-run` prints."""
+    """The packs that finish a sweep, with the counts `--dry-run` prints, and the check they come from."""
 
     spec: SweepSpec
     store: SweepStore
@@ -37,6 +39,7 @@ class SweepPlan:
     n_finished: int
     pack_size: int
     pack_size_auto: bool
+    check: SweepCheck
 
 
 def auto_pack_size(n_members: int, slots: int) -> int:
@@ -88,15 +91,17 @@ def plan_sweep(spec: SweepSpec, store: SweepStore, cluster: dict[str, float] | N
     """The packs that train every member of `spec` the sweep in `store` has not finished.
 
     `cluster` holds Ray's resource totals (for the auto pack size); without it, this machine's CPUs.
+    Members of damaged packs count as unfinished (`check_sweep`), so their packs run again whole.
     """
     members = spec.members() if spec.search.mode == "grid" else []  # optuna packs are made per trial
-    statuses = store.member_statuses()
+    check = check_sweep(store)
+    statuses = check.statuses
     existing = [store.read_pack(pack_id) for pack_id in store.pack_ids()]
     pending = [m for m in members if statuses.get(m.member_id) not in FINISHED]
     auto = spec.resources.pack_size == "auto"
     pack_size = auto_pack_size(len(pending), parallel_slots(spec, cluster or {})) if auto else spec.resources.pack_size
     packs = plan_packs(members, existing, statuses, pack_size)
-    return SweepPlan(spec, store, packs, len(members), len(members) - len(pending), pack_size, auto)
+    return SweepPlan(spec, store, packs, len(members), len(members) - len(pending), pack_size, auto, check)
 
 
 def objective_value(metric_rows: list[dict], objective: dict) -> float:
@@ -128,23 +133,32 @@ class SweepStatus:
     counts: dict[str, int]  # complete, diverged, failed, running, pending
     errors: dict[str, str]  # member_id -> error, for failed members
     running: dict[str, tuple[int, int]]  # pack_id -> (epoch reached, epochs)
-    unreadable: list[str]  # members files that cannot be read (their packs count as unfinished)
+    problems: list[Problem]  # where the sweep falls short of the completeness invariant (nc_ray.integrity)
+
+    @property
+    def unreadable(self) -> list[str]:
+        """Table files that do not read whole (their packs count as unfinished)."""
+        return sorted(p.path for p in self.problems if p.kind == "unreadable")
 
 
 def sweep_status(sweep: str | SweepStore) -> SweepStatus:
-    """Members by state, from the members table, the pack definitions and progress markers."""
+    """Members by state, from the members table, the pack definitions and progress markers, after
+    `check_sweep`: members of a damaged pack are pending (`nc-ray resume` retrains them), whatever
+    their members rows say."""
     store = sweep if isinstance(sweep, SweepStore) else SweepStore(sweep)
-    table, unreadable = store.read_table_checked("members", ["member_id", "status", "error"])
-    statuses = dict(zip(table["member_id"].to_pylist(), table["status"].to_pylist()))
-    errors = {m: e for m, s, e in zip(table["member_id"].to_pylist(), table["status"].to_pylist(), table["error"].to_pylist()) if s == "failed"}
+    check = check_sweep(store)
+    statuses, damaged = check.statuses, check.damaged_packs
     counts = {state: 0 for state in ("complete", "diverged", "failed", "running", "pending")}
     running = {}
     for pack_id in store.pack_ids():
-        pack = store.read_pack(pack_id)
+        try:
+            pack = store.read_pack(pack_id)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # reported by the check
         open_members = [m for m in pack.members if statuses.get(m.member_id) is None]
         if not open_members:
             continue
-        if store.exists(f"progress/{pack_id}.json"):
+        if pack_id not in damaged and store.exists(f"progress/{pack_id}.json"):
             progress = store.read_json(f"progress/{pack_id}.json")
             running[pack_id] = (progress["epoch"], progress["epochs"])
             counts["running"] += len(open_members)
@@ -152,4 +166,4 @@ def sweep_status(sweep: str | SweepStore) -> SweepStatus:
             counts["pending"] += len(open_members)
     for status in statuses.values():
         counts[status] += 1
-    return SweepStatus(counts, errors, running, unreadable)
+    return SweepStatus(counts, check.errors, running, check.problems)

@@ -19,22 +19,27 @@ Contract of a session:
   refused before they reach the database), and DuckDB's external access is off except for reads
   inside the sweep directories, with the configuration locked: nothing can be written or deleted
   under a sweep, and no file outside the sweeps can be read.
-- A table file that does not read as Parquet (truncated, garbage) is left out of its view for the
-  rest of the session, with a logged warning naming its path and its path in `Sweep.skipped`, and
-  the statement runs over the other files. Files are not checked up front: a file is skipped when
-  a DuckDB error names it, at the session's opening or at any later query; a damaged file that
-  DuckDB's message does not name (e.g. a corrupt page behind an intact footer) fails the query.
+- Damaged table files are left out of their views, each with a logged warning naming its path and
+  what is wrong, and listed in `Sweep.skipped`; the statement runs over the other files:
+  - before a file is first read, its footer is checked (`integrity.footer_problem`, no page read):
+    a footer that does not read, a foreign schema (key columns missing, or of other types), or,
+    in a file named as the layout names them, pack_id / epoch statistics other than its name's
+    (a copy, whose rows would count twice);
+  - when a statement fails on a file's data (e.g. a corrupt page behind an intact footer), the
+    files the error names, or else every file not yet read whole this session, are read whole
+    (`store.reads_whole`), those that do not read are left out, and the statement runs again.
+  A damaged page that still decodes (a flipped bit) is not seen here: `nc-ray status` and
+  `nc-ray doctor` check the page checksums. A skipped file that is rewritten (e.g. by `nc-ray
+  resume`) is checked again and counts again if it is whole.
 - Any other error of the database, or a refused statement, raises `QueryError` carrying DuckDB's
   message.
-- Views are defined when the session opens: a table that had no file then stays empty for the
-  session; tables that had files see files published later (the globs are re-read per query; a
-  view with skipped files lists its files again before each statement).
+- The views list the sweep's files again before each statement, so files published meanwhile are
+  read. They read explicit file lists, never patterns: a sweep path may hold glob characters.
 - Local directories only (the views read through DuckDB's local filesystem).
 """
 
 from __future__ import annotations
 
-import functools
 import glob
 import logging
 import os
@@ -45,15 +50,19 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from nc_ray.integrity import footer_problem
 from nc_ray.schema import PLANNED_SCHEMA, SCHEMAS, TABLES
-from nc_ray.store import reads_as_parquet
+from nc_ray.store import reads_whole
 
 logger = logging.getLogger(__name__)
 
 VIEWS = (*TABLES, "planned")
 # DuckDB quotes the file it failed on in its message, with ' or " depending on the error.
 _QUOTED_PARQUET_PATH = re.compile(r"""['"]([^'"]+\.parquet)['"]""")
+# Errors of the statement itself (syntax, names, types, permissions): no file's data is to blame.
+_STATEMENT_ERRORS = (duckdb.ProgrammingError, duckdb.PermissionException, duckdb.InterruptException, duckdb.OutOfMemoryException)
 Result = TypeVar("Result")
 
 
@@ -73,12 +82,13 @@ def _literal(text: str) -> str:
 def expand_sweep_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Sweep directories named by `paths` (glob patterns expanded), resolved, in order, no repeats.
 
+    A path that names a directory as it is is taken as it is, glob characters and all (`runs[1]`).
     Raises FileNotFoundError when a path or pattern names no directory.
     """
     found: list[Path] = []
     for path in paths:
         text = os.path.expanduser(os.fspath(path))
-        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) and not os.path.isdir(text) else [text]
         directories = [Path(m).resolve() for m in matches if os.path.isdir(m)]
         if not directories:
             raise FileNotFoundError(f"no sweep directory at {text}")
@@ -106,15 +116,16 @@ class Sweep:
     def __init__(self, directories: Sequence[Path]):
         self.directories = list(directories)
         self.names = sweep_names(self.directories)
-        self._skipped: dict[str, set[str]] = {table: set() for table in TABLES}
+        self._skipped: dict[str, str] = {}  # path -> why it is left out
+        self._footers: dict[str, tuple[tuple[int, int], tuple[str, str] | None]] = {}  # path -> (its size and mtime, footer_problem)
+        self._whole: dict[str, tuple[int, int]] = {}  # path -> size and mtime when it last read whole
         self._definitions: dict[str, str] = {}  # view -> the CREATE VIEW statement that defines it now
         self._con = duckdb.connect(":memory:")
         for view in VIEWS:
             schema = PLANNED_SCHEMA if view == "planned" else SCHEMAS[view]
             empty = pa.schema([pa.field("sweep", pa.string()), *schema]).empty_table()
             self._con.register(f"_empty_{view}", empty)  # fixes the columns and their order
-        for view in VIEWS:
-            self._run(functools.partial(self._define_view, view))
+        self._run(lambda: None)  # defines the views
         allowed = ", ".join(_literal(str(d) + os.sep) for d in self.directories)
         for setting in (
             f"SET allowed_directories = [{allowed}]", "SET enable_external_access = false",
@@ -125,67 +136,93 @@ class Sweep:
 
     @property
     def skipped(self) -> list[str]:
-        """Paths of the table files left out of the views so far because they do not read as Parquet (sorted)."""
-        return sorted(set().union(*self._skipped.values()))
+        """Paths of the table files left out of the views now because they are damaged (sorted)."""
+        return sorted(self._skipped)
 
-    def _parquet_source(self, directory: Path, table: str) -> str | None:
-        """`read_parquet`'s files for one sweep's table: its glob, or the list of its files but the
-        skipped ones when it has some; None when it has no (readable) file."""
-        files = glob.glob(os.path.join(glob.escape(str(directory)), "tables", table, "**", "*.parquet"), recursive=True)
-        readable = [f for f in files if os.path.normpath(f) not in self._skipped[table]]
-        if not readable:
-            return None
-        if len(readable) == len(files):
-            return _literal(f"{directory}/tables/{table}/**/*.parquet")
-        return "[" + ", ".join(map(_literal, readable)) + "]"
+    def _skip(self, path: str, kind: str, detail: str) -> None:
+        if path not in self._skipped:
+            if kind == "unreadable":
+                logger.warning("skipping unreadable Parquet file %s", path)
+            else:
+                logger.warning("skipping %s: %s (%s)", path, kind, detail)
+        self._skipped[path] = f"{kind}: {detail}"
+
+    def _table_files(self, directory: Path, table: str) -> list[str]:
+        """The files of one sweep's table that the view reads: published (not hidden), footers
+        checked (`footer_problem`), not found damaged."""
+        paths = []
+        for folder, subfolders, names in os.walk(directory / "tables" / table):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # hive partitions, say; never hidden ones
+            paths += [os.path.join(folder, n) for n in names if n.endswith(".parquet") and not n.startswith(".")]
+        readable = []
+        for path in sorted(paths):
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:  # moved aside meanwhile
+                continue
+            version = (stat.st_size, stat.st_mtime_ns)
+            path = os.path.normpath(path)
+            if self._footers.get(path, (None,))[0] != version:  # new, or rewritten since its check
+                try:
+                    problem = footer_problem(table, os.path.basename(path), pq.ParquetFile(path))
+                except (pa.ArrowException, OSError) as error:
+                    problem = ("unreadable", " ".join(str(error).split()))
+                self._footers[path] = (version, problem)
+                self._skipped.pop(path, None)
+                if problem:
+                    self._skip(path, *problem)
+            if path not in self._skipped:
+                readable.append(path)
+        return readable
 
     def _define_view(self, view: str) -> None:
         """(Re)define a view over the current files of its table; a no-op when the definition is unchanged."""
         parts = [f"FROM _empty_{view}"]
         for directory, name in zip(self.directories, self.names):
             if view == "planned":
-                if glob.glob(os.path.join(glob.escape(str(directory)), "packs", "*.json")):
-                    source = _literal(f"{directory}/packs/*.json")
+                packs = sorted(str(p) for p in (directory / "packs").glob("*.json")) if (directory / "packs").is_dir() else []
+                if packs:
+                    source = "[" + ", ".join(map(_literal, packs)) + "]"
                     # union_by_name: pack files of version 1 lack the member fields version 2 added.
                     parts.append(f"SELECT {_literal(name)} AS sweep, pack_id, unnest(members, recursive := true) "
                                  f"FROM read_json({source}, union_by_name = true)")
-            elif source := self._parquet_source(directory, view):
-                parts.append(
-                    f"SELECT {_literal(name)} AS sweep, * FROM read_parquet({source}, union_by_name = true, hive_partitioning = true)"
-                )
+            elif files := self._table_files(directory, view):
+                source = "[" + ", ".join(map(_literal, files)) + "]"
+                parts.append(f"SELECT {_literal(name)} AS sweep, * FROM read_parquet({source}, union_by_name = true, hive_partitioning = true)")
         definition = f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(parts)
         if definition != self._definitions.get(view):
             self._con.execute(definition)
             self._definitions[view] = definition
 
-    def _unreadable_file_named(self, message: str) -> tuple[str, str] | None:
-        """(table, path) of a table file that `message` quotes, not yet skipped, that does not read as Parquet."""
-        for quoted in _QUOTED_PARQUET_PATH.findall(message):
-            path = Path(os.path.normpath(quoted))
-            for directory in self.directories:
-                if path.is_relative_to(directory / "tables"):
-                    table = path.relative_to(directory / "tables").parts[0]
-                    # Messages quote readable files too (and a query can raise any message with error()).
-                    if table in self._skipped and str(path) not in self._skipped[table] and not reads_as_parquet(str(path)):
-                        return table, str(path)
-        return None
+    def _damaged_files(self, error: duckdb.Error) -> list[str]:
+        """The files to blame for `error`, read whole: those it quotes, or, when it quotes none, every
+        file of the views not yet read whole (once per file and version); [] when it is the statement's."""
+        if isinstance(error, _STATEMENT_ERRORS):
+            return []
+        listed = {path: version for path, (version, problem) in self._footers.items() if problem is None and path not in self._skipped}
+        quoted = [os.path.normpath(q) for q in _QUOTED_PARQUET_PATH.findall(str(error))]
+        suspects = [q for q in quoted if q in listed] or [p for p, version in listed.items() if self._whole.get(p) != version]
+        damaged = []
+        for path in suspects:
+            problem = reads_whole(path)
+            if problem is None:
+                self._whole[path] = listed[path]
+            else:
+                self._skip(path, "unreadable", problem)
+                damaged.append(path)
+        return damaged
 
     def _run(self, statement: Callable[[], Result]) -> Result:
-        """`statement()`, retried without each unreadable table file that a DuckDB error names (see
-        module doc); any other database error raises QueryError."""
+        """`statement()` over views listed afresh, retried without the damaged files a DuckDB error
+        leads to (see module doc); any other database error raises QueryError."""
         while True:
             try:
-                for table, skipped in self._skipped.items():
-                    if skipped:  # an explicit file list: re-listed, as DuckDB re-reads a glob
-                        self._define_view(table)
+                for view in VIEWS:
+                    self._define_view(view)
                 return statement()
             except duckdb.Error as error:
-                unreadable = self._unreadable_file_named(str(error))
-                if unreadable is None:
+                if not self._damaged_files(error):
                     raise QueryError(str(error)) from None
-                table, path = unreadable
-                logger.warning("skipping unreadable Parquet file %s", path)
-                self._skipped[table].add(path)
 
     # ------------------------------------------------------------------------------- queries
 

@@ -22,8 +22,10 @@ import torch
 from ray import tune
 from tqdm import tqdm
 
+from nc_ray import reaper
 from nc_ray._version import __version__
 from nc_ray.config import PackPlan
+from nc_ray.integrity import SweepCheck
 from nc_ray.limits import RESOURCES_WAIT_S, LimitError, check_pack_memory, check_this_machine, missing_resources, reachable_address
 from nc_ray.planning import FINISHED, objective_value, plan_sweep, sweep_store
 from nc_ray.spec import SweepSpec, load_spec, parse_spec
@@ -319,13 +321,29 @@ def resume_sweep(
 
 
 def _train_unfinished(spec: SweepSpec, store: SweepStore, show_progress: bool) -> None:
-    """Plan the unfinished members into packs and run them as a new Tune experiment."""
+    """Plan the unfinished members into packs and run them as a new Tune experiment.
+
+    The members of packs that `check_sweep` finds damaged count as unfinished; their damaged
+    files go into quarantine/ first and their saved states are dropped, so those packs train
+    from scratch and rewrite every file they own.
+    """
     plan = plan_sweep(spec, store, cluster_resources())
+    _set_aside_damage(store, plan.check)
     for pack in plan.packs:
         store.write_pack(pack)
     if spec.search.mode == "grid" and not plan.packs:
         return
     _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
+
+
+def _set_aside_damage(store: SweepStore, check: SweepCheck) -> None:
+    """Move the damaged table files of a check into quarantine/ and drop the saved state of its damaged packs."""
+    for problem in check.problems:
+        if problem.movable:
+            moved = store.quarantine(problem.path, None)  # the check already counts the pack unfinished
+            logger.warning("moved %s to %s: %s", problem.path, ", ".join(moved), problem.detail)
+    for pack_id in sorted(check.damaged_packs):
+        store.delete(f"state/{pack_id}.pt")  # a saved state would skip the epochs whose files are damaged
 
 
 def _new_tune_run(store: SweepStore, spec: SweepSpec) -> str:
@@ -337,6 +355,7 @@ def _new_tune_run(store: SweepStore, spec: SweepSpec) -> str:
 
 
 def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *, restore: bool, show_progress: bool) -> None:
+    reaper.watch()  # the processes of an embedded Ray end with this driver, however it ends
     seeds = len(spec.resolved()["grid"].get("seed", [spec.training.seed]))
     callbacks = [MemberProgress(store, seeds)] if show_progress else []
     trainable = _trainable_for(spec, store)

@@ -236,7 +236,7 @@ def test_a_file_damaged_after_the_session_opened_is_skipped_at_the_next_query(tm
 def test_the_members_view_goes_on_without_a_damaged_members_file(tmp_path):
     root = build_sweep(tmp_path / "members")
     members = root / "tables/members"
-    shutil.copy(members / "p0.parquet", members / "p1.parquet")
+    shutil.copy(members / "p0.parquet", members / "p0-copy.parquet")  # a name outside the layout: read as it is
     (members / "p0.parquet").write_bytes(b"PAR1 not really parquet")
     with open_sweep(root) as sweep:
         assert sweep.members(status="complete").num_rows == 18
