@@ -26,6 +26,8 @@ from nc_ray.store import SweepBusyError, SweepFencedError, SweepLock, SweepStore
 # What makes a directory a sweep's: resolved_spec.json, written when `nc-ray sweep` starts, or
 # tables/ (results copied without the rest).
 SWEEP_MARKERS = ("resolved_spec.json", "tables")
+SCIENCE_EPILOG = ("Every metric, the certificates b0 and b0_perp, the phases and the forecast are defined in docs/science.md "
+                  "of the nc_ray repository.")
 _ADDRESS = re.compile(r"(?:ray://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
@@ -221,7 +223,7 @@ def _thresholds(args: argparse.Namespace):
 
 @_exits_2_on_query_errors
 def _phase(args: argparse.Namespace) -> int:
-    from nc_ray.analysis import DEFAULT_METRICS, aggregate, phase_grid_text, try_forecast_setup, write_aggregate
+    from nc_ray.analysis import DEFAULT_METRICS, aggregate, boundary_comparison, boundary_text, phase_grid_text, try_forecast_setup, write_aggregate
     from nc_ray.plots import save_png, standard_figures
     from nc_ray.query import Sweep
     from nc_ray.schema import EVALUATION_COLUMNS
@@ -251,6 +253,8 @@ def _phase(args: argparse.Namespace) -> int:
         print("no cells to draw: the sweep has no member rows yet")
         return 1
     print(phase_grid_text(table))
+    if setup is not None and (args.x, args.y) == ("weight_decay", "depth"):
+        print(boundary_text(boundary_comparison(table, setup)))
     suffix = "" if epoch == "final" else f"_e{epoch}"
     for name, figure in figures.items():
         print(f"wrote {save_png(figure, out / f'{name}{suffix}.png')}")
@@ -372,7 +376,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nc-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="nc-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SCIENCE_EPILOG)
     commands = parser.add_subparsers(dest="command", required=True)
     address_help = "Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
 
@@ -406,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--output", type=_output_file, default=None, metavar="FILE", help="write the result here (default stdout); not inside a sweep directory")
     query.set_defaults(handler=_query)
 
-    phase = commands.add_parser("phase", help="aggregate per cell, write the phase table, phase map, heatmaps and relation plots")
+    phase = commands.add_parser("phase", help="aggregate per cell, write the phase table, phase map, heatmaps and relation plots",
+                                epilog=SCIENCE_EPILOG)
     phase.add_argument("sweep_dir")
     phase.add_argument("--metric", action="append", default=None, help="metric to draw as a heatmap (repeatable; default train_acc, rank_rel_1e2, dist_k_rel, tcv_rel, sv_max)")
     phase.add_argument("--x", default="weight_decay", help="config column across (default weight_decay, log axis)")
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_options(phase)
     phase.set_defaults(handler=_phase)
 
-    report = commands.add_parser("report", help="one self-contained HTML page with the sweep's result")
+    report = commands.add_parser("report", help="one self-contained HTML page with the sweep's result", epilog=SCIENCE_EPILOG)
     report.add_argument("sweep_dir")
     report.add_argument("--output", type=_output_file, default=None, metavar="FILE", help="default SWEEP_DIR/analysis/report.html")
     _add_analysis_options(report)

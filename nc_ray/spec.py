@@ -8,7 +8,9 @@ Format (only `name` and `dataset.name` are required; the values shown are the de
       n_per_class: null         # class-balanced train subsample (int >= 1) or null
       standardize: true
       params: {}                # dataset keyword params, checked against dataset_params(name)
-    model: {arch: mlp, width: 64, depth: 4, activation: relu, bias: false}
+    model: {arch: mlp, width: 64, depth: 4, activation: relu, bias: false, residual_init: depth}
+      # residual_init: how a resmlp's branches and output layer are scaled at initialization
+      # (depth, or sqrt_depth as in nc_ray 0.1; see nc_ray.models.Architecture.init_std)
     loss: ce                    # ce | mse
     training: {lr: 0.05, momentum: 0.9, batch_size: 128, epochs: 100, weight_decay: 1.0e-3, seed: 0}
       schedule: {kind: constant, warmup_epochs: 0}
@@ -63,7 +65,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from nc_ray.config import ACTIVATIONS, ARCHITECTURES, LOSSES, LR_SCHEDULES, MemberConfig
+from nc_ray.config import ACTIVATIONS, ARCHITECTURES, LOSSES, LR_SCHEDULES, RESIDUAL_INITS, MemberConfig
 from nc_ray.data import ParamError, dataset_names, dataset_params, n_classes_of, resolve_params
 from nc_ray.limits import DEPTH, EPOCHS, EVALUATIONS, INT64_MAX, MEMBERS, SPEC_BYTES, SPEC_DEPTH, SPEC_NODES, Limit, LimitError, evaluation_count
 from nc_ray.schema import FLAG_METRICS, LAYER_METRICS, MEMBER_METRICS
@@ -256,6 +258,7 @@ class ModelSpec(_Model):
     depth: Depth = 4
     activation: Activation = "relu"
     bias: bool = False
+    residual_init: Literal[RESIDUAL_INITS] = "depth"  # resmlp only: see nc_ray.models.Architecture.init_std
 
 
 class ScheduleSpec(_Model):
@@ -524,6 +527,7 @@ class SweepSpec(_Model):
             activation=m.activation, bias=m.bias, loss=v["loss"], lr=v["lr"], momentum=t.momentum,
             batch_size=t.batch_size, epochs=t.epochs, weight_decay=v["weight_decay"], seed=v["seed"],
             metric_every=self.metric_every, metric_initial=mt.initial, metric_subset_per_class=mt.subset_per_class,
+            residual_init=m.residual_init if v["arch"] == "resmlp" else None,
             lr_schedule=t.schedule.kind,
             lr_milestones=tuple(t.schedule.milestones) if t.schedule.kind == "step" else None,
             lr_gamma=(t.schedule.gamma or 0.1) if t.schedule.kind == "step" else None,
