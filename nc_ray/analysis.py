@@ -247,11 +247,12 @@ def aggregate(
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(info).encode()})
 
 
-def write_aggregate(sweep_dir: str, table: pa.Table) -> str:
-    """Publish an `aggregate` table as <sweep_dir>/analysis/<table_name>.parquet; return its path."""
+def write_aggregate(directory: str, table: pa.Table) -> str:
+    """Publish an `aggregate` table as <directory>/<table_name>.parquet (atomically); return its path.
+    `nc-ray phase` writes into <sweep>/analysis, or its --out folder (so a read-only sweep works)."""
     info = json.loads(table.schema.metadata[METADATA_KEY])
-    store = SweepStore(sweep_dir)
-    relative = f"analysis/{table_name(info['x'], info['y'], info['layers'], info['epoch'])}.parquet"
+    store = SweepStore(directory)
+    relative = f"{table_name(info['x'], info['y'], info['layers'], info['epoch'])}.parquet"
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     store.write_bytes(relative, sink.getvalue().to_pybytes())

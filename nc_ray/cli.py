@@ -233,7 +233,8 @@ def _phase(args: argparse.Namespace) -> int:
     metrics = args.metric or ["train_acc", "rank_rel_1e2", "dist_k_rel", "tcv_rel", "sv_max"]
     with Sweep(_sweep_dirs(args.sweep_dir)) as sweep:
         table = aggregate(sweep, x=args.x, y=args.y, metrics=[*metrics, *DEFAULT_METRICS], layers=layers, epoch=epoch, thresholds=_thresholds(args))
-        print(f"phase table: {write_aggregate(str(sweep.directories[0]), table)}")
+        out = Path(args.out) if args.out else sweep.directories[0] / "analysis"
+        print(f"phase table: {write_aggregate(str(out), table)}")
         if epoch == "all":
             print("heatmaps are drawn for one epoch: pass --epoch N (or leave it out for the final epoch)")
             return 0
@@ -247,7 +248,6 @@ def _phase(args: argparse.Namespace) -> int:
             m if m in per_member else f"{m}_{layers}": (f"{m}_median", f"{m}{'' if m in per_member else ', ' + where}, {when} (median over seeds)")
             for m in metrics
         }
-        out = Path(args.out) if args.out else sweep.directories[0] / "analysis"
         figures = standard_figures(sweep, table, heatmaps, setup, args.member)
     if not figures:
         print("no cells to draw: the sweep has no member rows yet")

@@ -549,5 +549,7 @@ def standard_figures(
         figures["relation_tcv"] = tcv_figure(sweep)
         figures["relation_spectra"] = spectra_figure(sweep, member_id)
         if setup is not None:
-            figures["relation_forecast"] = forecast_figure(forecast_comparison(sweep, setup), setup)
+            comparison = forecast_comparison(sweep, setup)
+            if comparison.num_rows:  # none when no complete member has a middle layer (depth 2 only)
+                figures["relation_forecast"] = forecast_figure(comparison, setup)
     return figures

@@ -108,7 +108,7 @@ def test_thresholds_change_phases_and_are_stored(sweep_dir):
     for row in rank_strict.values():
         assert row["rank_below_dnc"] == (row["phase_rank_rel"] < K - 1)
     assert set(table["threshold_collapsed_acc"].to_pylist()) == {1.0}
-    path = write_aggregate(str(sweep_dir), table)
+    path = write_aggregate(str(sweep_dir / "analysis"), table)
     assert path == str(sweep_dir / "analysis" / "phase_weight_decay_depth.parquet")
     stored = pq.read_table(path)
     info = json.loads(stored.schema.metadata[METADATA_KEY])
@@ -211,7 +211,7 @@ def test_phase_command_writes_the_table_and_valid_pngs(sweep_dir, tmp_path, caps
     for path in pngs:
         _check_png(path)
         assert str(path) in printed
-    assert (sweep_dir / "analysis" / "phase_weight_decay_depth.parquet").exists()
+    assert (out / "phase_weight_decay_depth.parquet").exists()  # with --out, the table goes there too
     assert re.search(r"^3 +N +C\+L +T$", printed, re.MULTILINE)  # the text phase grid, depth 3 row
     assert main(["phase", str(sweep_dir), "--metric", "member_id"]) == 2
     assert "metrics must be numeric" in capsys.readouterr().err

@@ -46,7 +46,12 @@ def test_unwritable_paths_give_one_line_errors(ray_address, smoke_copy, tmp_path
         ("phase", str(sweep)): f"{sweep}/analysis",
         ("report", str(sweep)): f"{sweep}/analysis",
     }
+    figures = tmp_path / "figures"
+    figures.mkdir(mode=0o777)
+    figures.chmod(0o777)
     try:
+        drawn = run_unprivileged("phase", str(sweep), "--out", str(figures))  # a read-only sweep is drawn elsewhere
+        assert drawn.returncode == 0 and (figures / "phase_weight_decay_depth.parquet").exists(), drawn.stderr
         for argv, named in cases.items():
             result = run_unprivileged(*argv)
             assert result.returncode == 2, (argv, result.stdout, result.stderr)
