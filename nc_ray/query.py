@@ -313,5 +313,23 @@ def format_table(table: pa.Table) -> str:
 
 
 def open_sweep(*paths: str | os.PathLike) -> Sweep:
-    """A read-only query session over the sweep directories `paths` (glob patterns allowed)."""
+    """A read-only SQL session over one or more sweep directories.
+
+    Args:
+        *paths: sweep directories (local), or glob patterns matching several; their rows are told
+            apart by the `sweep` column of every view.
+
+    Returns:
+        A `Sweep` with the views `members`, `metrics`, `spectra` and `planned`; `sql` gives
+        Arrow, `df` pandas and `pl` polars. Close it (or use it as a context manager) when done.
+
+    Raises:
+        FileNotFoundError: a path names no directory.
+
+    Example::
+
+        with nc_ray.open_sweep("runs/quickstart") as sweep:
+            ranks = sweep.df("SELECT depth, weight_decay, median(rank_rel_1e2) AS rank FROM metrics "
+                             "WHERE layer > 1 AND layer < depth GROUP BY ALL ORDER BY ALL")
+    """
     return Sweep(expand_sweep_paths(paths))
