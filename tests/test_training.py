@@ -5,7 +5,7 @@ import torch
 
 from nc_ray.config import MemberConfig
 from nc_ray.models import Architecture, PackedNetwork, build_model, data_order_generator
-from nc_ray.train import PackTrainer, per_sample_loss
+from nc_ray.train import PackTrainer, pack_backward, per_sample_loss
 
 
 def clusters(n_classes=4, dim=12, per_class=30, seed=0, dtype=torch.float32):
@@ -60,9 +60,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("group_size", [None, 3])  # the whole pack per step, or groups of 3 and 1
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("arch,activation,bias,loss,momentum", CASES)
-def test_pack_equals_members_trained_alone(arch, activation, bias, loss, momentum, dtype, tolerance):
+def test_pack_equals_members_trained_alone(arch, activation, bias, loss, momentum, dtype, tolerance, group_size):
     x, y = clusters(dtype=dtype)
     spec = Architecture(arch, x.shape[1], 16, 4, 4, activation, bias)
     seeds, lrs, decays = [3, 3, 7, 11], [0.03, 0.01, 0.03, 0.02], [1e-3, 1e-2, 1e-1, 0.0]
@@ -71,7 +72,7 @@ def test_pack_equals_members_trained_alone(arch, activation, bias, loss, momentu
     factors = [m.lr_factor for m in SCHEDULES]
     trainer = PackTrainer(
         pack, x, y, learning_rates=lrs, weight_decays=decays, seeds=seeds, lr_factors=factors,
-        loss=loss, batch_size=32, momentum=momentum, device="cpu",
+        loss=loss, batch_size=32, momentum=momentum, device="cpu", group_size=group_size,
     )
     for _ in range(4):
         trainer.train_epoch()
@@ -84,6 +85,30 @@ def test_pack_equals_members_trained_alone(arch, activation, bias, loss, momentu
         packed = pack.member(index)
         for w_alone, w_packed in zip(alone.parameters(), packed.parameters()):
             torch.testing.assert_close(w_packed.to(dtype), w_alone, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("arch", ["mlp", "resmlp"])
+@pytest.mark.parametrize("depth,batch", [(2, 1), (4, 5)])
+def test_hand_written_backward_matches_autograd(arch, activation, bias, loss, depth, batch):
+    x, y = clusters(dtype=torch.float64)
+    spec = Architecture(arch, x.shape[1], 16, depth, 4, activation, bias)
+    pack = PackedNetwork(spec, [0, 1, 2]).to(torch.float64)
+    with torch.no_grad():  # nonzero biases, so that their gradients flow through act' as well
+        for b in pack.bias_vectors() or []:
+            b.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(5))
+    rows = torch.stack([torch.randperm(len(x), generator=torch.Generator().manual_seed(m))[:batch] for m in range(3)])
+    xb, yb = x[rows], y[rows]
+    expected_losses = per_sample_loss(pack(xb), yb, loss).mean(1)
+    expected = torch.autograd.grad(expected_losses.sum(), list(pack.parameters()))
+
+    losses, inputs, deltas = pack_backward(xb, yb, pack.weight_matrices(), pack.bias_vectors(), arch=arch, activation=activation, loss=loss)
+    gradients = [d.transpose(1, 2) @ z for d, z in zip(deltas, inputs)] + ([d.sum(1) for d in deltas] if bias else [])
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-12, atol=1e-12)
+    for gradient, reference in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(gradient, reference, rtol=1e-10, atol=1e-12)
 
 
 def test_packed_forward_matches_member_modules():
@@ -102,12 +127,14 @@ def test_weight_matrices_are_in_layer_order():
     assert [tuple(w.shape) for w in model.weight_matrices()] == [(16, 12), (16, 16), (16, 16), (3, 16)]
 
 
-def test_divergence_freezes_only_that_member():
+@pytest.mark.parametrize("group_size", [None, 2])  # the diverging member alone in its group or not
+def test_divergence_freezes_only_that_member(group_size):
     x, y = clusters()
     spec = Architecture("mlp", x.shape[1], 16, 3, 4)
     kwargs = dict(loss="mse", batch_size=32, momentum=0.9, device="cpu")
     with_bad = PackedNetwork(spec, [0, 1, 2])
-    trainer = PackTrainer(with_bad, x, y, learning_rates=[0.05, 1e3, 0.05], weight_decays=[1e-3] * 3, seeds=[0, 1, 2], **kwargs)
+    trainer = PackTrainer(with_bad, x, y, learning_rates=[0.05, 1e3, 0.05], weight_decays=[1e-3] * 3, seeds=[0, 1, 2],
+                          group_size=group_size, **kwargs)
     healthy = PackedNetwork(spec, [0, 2])
     reference = PackTrainer(healthy, x, y, learning_rates=[0.05, 0.05], weight_decays=[1e-3] * 2, seeds=[0, 2], **kwargs)
     for _ in range(5):
@@ -117,7 +144,39 @@ def test_divergence_freezes_only_that_member():
     assert int(trainer.diverged_epoch[1]) >= 0
     for layer in range(spec.depth):
         torch.testing.assert_close(with_bad.weights[layer][[0, 2]], healthy.weights[layer])
-    assert torch.isfinite(trainer.last_epoch_loss[[0, 2]]).all()
+    assert torch.isfinite(trainer.last_epoch_loss[[0, 2]]).all() and trainer.last_epoch_loss[1].isnan()
+    frozen = [w[1].clone() for w in with_bad.weights]
+    trainer.train_epoch()
+    assert all(torch.equal(w[1], f) for w, f in zip(with_bad.weights, frozen))
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_a_member_diverging_mid_epoch_keeps_its_weights_from_before_that_step(group_size):
+    x, y = clusters(dtype=torch.float64)
+    spec = Architecture("mlp", x.shape[1], 16, 3, 4, "leaky_relu")
+    kwargs = dict(weight_decays=[0.0, 0.0], seeds=[0, 1], loss="mse", batch_size=8, momentum=0.0, device="cpu", group_size=group_size)
+    trainer = PackTrainer(PackedNetwork(spec, [0, 1]).to(torch.float64), x, y, learning_rates=[0.01, 100.0], **kwargs)
+    trainer.train_epoch()  # 15 steps
+    assert trainer.diverged == [False, True] and trainer.diverged_epoch.tolist() == [-1, 0]
+    frozen = trainer.model.member(1)
+    assert all(torch.isfinite(w).all() for w in frozen.weight_matrices())  # frozen by its loss, before a step could overflow it
+    # The same member alone, step by step: its weights are those of its last finite step.
+    alone = build_model(**vars(spec), seed=1).to(torch.float64)
+    optimizer = torch.optim.SGD(alone.parameters(), lr=100.0)
+    permutation = torch.randperm(len(x), generator=data_order_generator(1))
+    steps = 0
+    for start in range(0, len(x), 8):
+        batch = permutation[start : start + 8]
+        loss = per_sample_loss(alone(x[batch]), y[batch], "mse").mean()
+        if not torch.isfinite(loss):
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    assert 0 < steps < 14  # mid-epoch, with steps of the healthy member after it
+    for w_alone, w_frozen in zip(alone.weight_matrices(), frozen.weight_matrices()):
+        torch.testing.assert_close(w_frozen, w_alone, rtol=1e-10, atol=1e-10)
 
 
 def test_lr_factors_of_the_schedules():
@@ -145,6 +204,45 @@ def test_stopped_members_are_frozen_and_the_rest_train_on():
     assert trainer.stopped_epoch.tolist() == [-1, 1, -1] and trainer.diverged == [False] * 3 and not trainer.done
     trainer.stop([0, 2])
     assert trainer.done
+
+
+def test_frozen_members_leave_the_pack_and_the_rest_train_as_alone_through_a_state_round_trip():
+    """Stopped members drop out of the computation; the others still match torch.optim.SGD."""
+    x, y = clusters(dtype=torch.float64)
+    spec = Architecture("resmlp", x.shape[1], 16, 4, 4, "tanh", True)
+    seeds, lrs, decays = [3, 7, 11], [0.03, 0.01, 0.02], [1e-3, 1e-2, 0.0]
+    kwargs = dict(learning_rates=lrs, weight_decays=decays, seeds=seeds, loss="ce", batch_size=32, momentum=0.9, device="cpu", group_size=1)
+    first = PackTrainer(PackedNetwork(spec, seeds).to(torch.float64), x, y, **kwargs)
+    first.train_epoch()
+    first.stop([1])
+    saved = first.state_dict()
+    resumed = PackTrainer(PackedNetwork(spec, [0, 0, 0]).to(torch.float64), x, y, **kwargs)
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        resumed.train_epoch()
+    assert resumed.stopped_epoch.tolist() == [-1, 1, -1]
+    assert resumed.last_epoch_loss[1].isnan() and torch.isfinite(resumed.last_epoch_loss[[0, 2]]).all()
+    for index, epochs in ((0, 4), (1, 1), (2, 4)):
+        alone = train_alone(spec, seeds[index], x, y, lr=lrs[index], weight_decay=decays[index], loss="ce",
+                            batch_size=32, momentum=0.9, epochs=epochs, dtype=torch.float64)
+        for w_alone, w_packed in zip(alone.parameters(), resumed.model.member(index).parameters()):
+            torch.testing.assert_close(w_packed, w_alone, rtol=1e-10, atol=1e-10)
+
+
+def test_a_version_1_state_without_stop_rule_loads():
+    x, y = clusters()
+    spec = Architecture("mlp", x.shape[1], 16, 3, 4)
+    kwargs = dict(learning_rates=[0.05, 0.1], weight_decays=[1e-3, 1e-2], seeds=[4, 5], loss="ce", batch_size=16, momentum=0.9, device="cpu")
+    trainer = PackTrainer(PackedNetwork(spec, [4, 5]), x, y, **kwargs)
+    trainer.train_epoch()
+    saved = trainer.state_dict()
+    del saved["stopped_epoch"]
+    resumed = PackTrainer(PackedNetwork(spec, [4, 5]), x, y, **kwargs)
+    resumed.load_state_dict(saved)
+    assert resumed.stopped_epoch.tolist() == [-1, -1] and resumed.epoch == 1
+    trainer.train_epoch()
+    resumed.train_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(trainer.parameters, resumed.parameters))
 
 
 def test_state_round_trip_continues_exactly():
