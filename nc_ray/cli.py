@@ -175,7 +175,8 @@ def _exits_2_on_query_errors(handler: Callable[[argparse.Namespace], int]) -> Ca
 def _query(args: argparse.Namespace) -> int:
     from nc_ray.query import VIEWS, Sweep
 
-    with Sweep(_sweep_dirs(args.sweep_dir, *args.sweep)) as sweep:
+    limits = {"memory_gib": args.memory_gib, "threads": args.threads, "timeout_s": args.timeout}
+    with Sweep(_sweep_dirs(args.sweep_dir, *args.sweep), **limits) as sweep:
         if args.output and any(Path(args.output).resolve().is_relative_to(d) for d in sweep.directories):
             raise ValueError(f"query sessions are read-only: --output {args.output} is inside a sweep directory")
         if args.sql is None:
@@ -273,6 +274,12 @@ def _report(args: argparse.Namespace) -> int:
         print(f"no forecast in the report: {problem}")
     print(f"report: {path}")
     return 0
+
+
+def _query_timeout() -> float:
+    """`nc-ray query`'s default statement timeout: $NC_RAY_QUERY_TIMEOUT_S, else 60 s (the library has none)."""
+    text = os.environ.get("NC_RAY_QUERY_TIMEOUT_S", "").strip()
+    return _number(float, 0, above=True)(text) if text else 60.0
 
 
 def _epoch(text: str) -> int | str:
@@ -408,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--sweep", action="append", default=[], metavar="DIR", help="another sweep directory or glob (repeatable); adds rows, told apart by the sweep column")
     query.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
     query.add_argument("--output", type=_output_file, default=None, metavar="FILE", help="write the result here (default stdout); not inside a sweep directory")
+    query.add_argument("--timeout", type=_number(float, 0, above=True), default=_query_timeout(), metavar="S",
+                       help="stop a query running longer (default $NC_RAY_QUERY_TIMEOUT_S, else 60)")
+    query.add_argument("--memory-gib", type=_number(float, 0, above=True), default=None, metavar="GIB",
+                       help="DuckDB's memory limit (default $NC_RAY_QUERY_MEMORY_GIB, else a quarter of this machine's memory)")
+    query.add_argument("--threads", type=_number(int, 1), default=None, help="DuckDB's threads (default $NC_RAY_QUERY_THREADS, else all cores)")
     query.set_defaults(handler=_query)
 
     phase = commands.add_parser("phase", help="aggregate per cell, write the phase table, phase map, heatmaps and relation plots",
@@ -444,6 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OSError: a path that is missing, unwritable or read-only, a full disk, storage out of reach.
         print(f"nc-ray: {redact(str(error))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("nc-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -84,8 +84,15 @@ PACK_MEMORY_GIB = Limit("NC_RAY_MAX_PACK_MEMORY_GIB", math.nan, "GiB of memory o
 CONNECT_S = Limit("NC_RAY_MAX_CONNECT_S", 10.0, "seconds to reach a Ray cluster", integer=False)
 RESOURCES_WAIT_S = Limit("NC_RAY_MAX_RESOURCES_WAIT_S", 600.0, "seconds to wait for a node that fits a trial",
                          integer=False)
+# A query session (nc_ray.query.Sweep): DuckDB's memory limit (no default value: QUERY_MEMORY_SHARE of
+# this machine's memory), its threads (no default value: DuckDB's, all cores) and a wall-clock limit per
+# statement (no default value: none in the library; the `nc-ray query` command passes 60 s).
+QUERY_MEMORY_GIB = Limit("NC_RAY_QUERY_MEMORY_GIB", math.nan, "GiB of memory a query may use", integer=False)
+QUERY_THREADS = Limit("NC_RAY_QUERY_THREADS", math.nan, "threads a query may use")
+QUERY_TIMEOUT_S = Limit("NC_RAY_QUERY_TIMEOUT_S", math.nan, "seconds a query may run", integer=False)
+QUERY_MEMORY_SHARE = 0.25
 LIMITS = (SPEC_BYTES, SPEC_DEPTH, SPEC_NODES, MEMBERS, EVALUATIONS, EPOCHS, DEPTH, PACK_MEMORY_GIB, CONNECT_S,
-          RESOURCES_WAIT_S)
+          RESOURCES_WAIT_S, QUERY_MEMORY_GIB, QUERY_THREADS, QUERY_TIMEOUT_S)
 # Without limits.pack_memory_gib or its variable, a pack may need this share of its node's memory:
 # the rest is for Ray, the driver and the other trials on the node.
 PACK_MEMORY_SHARE = 0.5

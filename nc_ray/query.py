@@ -42,8 +42,11 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,7 +116,19 @@ class Sweep:
         pl(query)   polars.DataFrame   (polars is optional: `pip install polars`)
     """
 
-    def __init__(self, directories: Sequence[Path]):
+    def __init__(self, directories: Sequence[Path], *, memory_gib: float | None = None, threads: int | None = None,
+                 timeout_s: float | None = None):
+        """Limits (each also from its environment variable, `nc_ray.limits`): `memory_gib`, DuckDB's
+        memory limit (default a quarter of this machine's memory; nothing spills to disk), `threads`
+        (default DuckDB's), `timeout_s` per statement (default none). A statement past a limit
+        raises QueryError saying how to raise it."""
+        from nc_ray.limits import QUERY_MEMORY_GIB, QUERY_MEMORY_SHARE, QUERY_THREADS, QUERY_TIMEOUT_S, machine_memory_bytes
+
+        memory = QUERY_MEMORY_GIB.value(memory_gib)
+        self.memory_gib = QUERY_MEMORY_SHARE * machine_memory_bytes() / 2**30 if math.isnan(memory) else memory
+        self.threads = QUERY_THREADS.value(threads)
+        timeout = QUERY_TIMEOUT_S.value(timeout_s)
+        self.timeout_s = None if math.isnan(timeout) else timeout
         self.directories = list(directories)
         self.names = sweep_names(self.directories)
         self._skipped: dict[str, str] = {}  # path -> why it is left out
@@ -127,8 +142,11 @@ class Sweep:
             self._con.register(f"_empty_{view}", empty)  # fixes the columns and their order
         self._run(lambda: None)  # defines the views
         allowed = ", ".join(_literal(str(d) + os.sep) for d in self.directories)
+        limits = [f"SET memory_limit = '{max(self.memory_gib, 0.01) * 1024:.0f}MiB'", "SET max_temp_directory_size = '0B'"]
+        if not math.isnan(self.threads):
+            limits.append(f"SET threads = {max(1, int(self.threads))}")
         for setting in (
-            f"SET allowed_directories = [{allowed}]", "SET enable_external_access = false",
+            *limits, f"SET allowed_directories = [{allowed}]", "SET enable_external_access = false",
             "SET autoinstall_known_extensions = false", "SET autoload_known_extensions = false",
             "SET lock_configuration = true",
         ):
@@ -214,15 +232,60 @@ class Sweep:
 
     def _run(self, statement: Callable[[], Result]) -> Result:
         """`statement()` over views listed afresh, retried without the damaged files a DuckDB error
-        leads to (see module doc); any other database error raises QueryError."""
+        leads to (see module doc); any other database error raises QueryError, one past a limit
+        saying how to raise it. Ctrl-C during a statement stops it and raises KeyboardInterrupt."""
+        from nc_ray.limits import QUERY_MEMORY_GIB, QUERY_TIMEOUT_S
+
+        def attempt() -> Result:
+            for view in VIEWS:
+                self._define_view(view)
+            return statement()
+
         while True:
             try:
-                for view in VIEWS:
-                    self._define_view(view)
-                return statement()
+                return self._stoppable(attempt)
+            except TimeoutError:
+                raise QueryError(f"the query ran past its limit of {self.timeout_s:g} s and was stopped; "
+                                 f"{QUERY_TIMEOUT_S.how_to_raise} (nc-ray query: --timeout)") from None
+            except duckdb.OutOfMemoryException:
+                raise QueryError(f"the query needs more than its memory limit of {self.memory_gib:.3g} GiB; "
+                                 f"{QUERY_MEMORY_GIB.how_to_raise} (nc-ray query: --memory-gib)") from None
             except duckdb.Error as error:
                 if not self._damaged_files(error):
                     raise QueryError(str(error)) from None
+
+    def _stoppable(self, work: Callable[[], Result]) -> Result:
+        """`work()` in a helper thread, while this one waits, free to stop it through DuckDB's
+        interrupt: at the session's timeout (TimeoutError) or on Ctrl-C (KeyboardInterrupt). A
+        statement running in this thread would hold Ctrl-C until it ended on its own."""
+        outcome: dict[str, Any] = {}
+        # An Event, not Thread.join: a join that Ctrl-C interrupts leaves Python 3.11's thread looking ended.
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome["value"] = work()
+            except BaseException as error:  # handed to the waiting thread, which raises it
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        threading.Thread(target=run, name="nc_ray-query", daemon=True).start()
+        try:
+            while not done.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))):
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._con.interrupt()
+                    done.wait()
+                    if isinstance(outcome.get("error"), duckdb.InterruptException):
+                        raise TimeoutError
+        except KeyboardInterrupt:
+            self._con.interrupt()
+            done.wait()
+            raise
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     # ------------------------------------------------------------------------------- queries
 
@@ -312,12 +375,15 @@ def format_table(table: pa.Table) -> str:
         return str(scratch.from_arrow(table))
 
 
-def open_sweep(*paths: str | os.PathLike) -> Sweep:
+def open_sweep(*paths: str | os.PathLike, memory_gib: float | None = None, threads: int | None = None,
+               timeout_s: float | None = None) -> Sweep:
     """A read-only SQL session over one or more sweep directories.
 
     Args:
         *paths: sweep directories (local), or glob patterns matching several; their rows are told
             apart by the `sweep` column of every view.
+        memory_gib, threads, timeout_s: the session's limits (see `Sweep`); default from
+            $NC_RAY_QUERY_MEMORY_GIB etc., else a quarter of the memory, all cores and no timeout.
 
     Returns:
         A `Sweep` with the views `members`, `metrics`, `spectra` and `planned`; `sql` gives
@@ -332,4 +398,4 @@ def open_sweep(*paths: str | os.PathLike) -> Sweep:
             ranks = sweep.df("SELECT depth, weight_decay, median(rank_rel_1e2) AS rank FROM metrics "
                              "WHERE layer > 1 AND layer < depth GROUP BY ALL ORDER BY ALL")
     """
-    return Sweep(expand_sweep_paths(paths))
+    return Sweep(expand_sweep_paths(paths), memory_gib=memory_gib, threads=threads, timeout_s=timeout_s)

@@ -391,3 +391,70 @@ def test_a_failure_that_cannot_be_written_is_logged_and_the_driver_goes_on(tmp_p
     table = store.read_table("members")
     assert table["status"].to_pylist() == ["failed"]
     assert table["error"].to_pylist() == ["Unprintable: <its message cannot be shown>"]
+
+
+# ---------------------------------------------------------------- queries
+
+FIXTURE_SWEEP = Path(__file__).resolve().parent / "fixtures" / "sweep_v1"
+ENDLESS = "SELECT sum(i) FROM range(100000000000) t(i)"
+
+
+# Runs `nc-ray ARGS` and reports its own peak RSS (VmHWM, which execve resets; ru_maxrss would
+# include the forking test process's memory) on a last stderr line.
+_PEAK_REPORTING_CLI = """
+import atexit, runpy, sys
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("peak_kib", line.split()[1], file=sys.stderr)
+atexit.register(peak)
+sys.argv = ["nc-ray", *sys.argv[1:]]
+runpy.run_module("nc_ray.cli", run_name="__main__")
+"""
+
+
+def run_query(*args: str, env: dict[str, str] | None = None) -> SimpleNamespace:
+    """`nc-ray query FIXTURE ARGS` in a subprocess: its returncode, stderr and peak memory (bytes)."""
+    result = subprocess.run([sys.executable, "-c", _PEAK_REPORTING_CLI, "query", str(FIXTURE_SWEEP), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=60, env={**os.environ, **(env or {})})
+    *lines, last = result.stderr.splitlines()
+    assert last.startswith("peak_kib "), result.stderr
+    return SimpleNamespace(returncode=result.returncode, stderr="\n".join(lines), peak=int(last.split()[1]) * 1024)
+
+
+def test_a_query_past_its_time_limit_stops_and_says_how_to_raise_it() -> None:
+    result = run_query(ENDLESS, "--timeout", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("nc-ray: the query ran past its limit of 1 s and was stopped; "
+                                     "raise it with $NC_RAY_QUERY_TIMEOUT_S (nc-ray query: --timeout)")
+    assert "past its limit of 1 s" in run_query(ENDLESS, env={"NC_RAY_QUERY_TIMEOUT_S": "1"}).stderr
+    from nc_ray.query import QueryError, open_sweep
+
+    with open_sweep(FIXTURE_SWEEP, timeout_s=0.5) as sweep, pytest.raises(QueryError, match="past its limit of 0.5 s"):
+        sweep.sql(ENDLESS)
+
+
+def test_a_query_past_its_memory_limit_stops_within_it() -> None:
+    result = run_query("SELECT i, count(*) FROM range(200000000) t(i) GROUP BY i", "--memory-gib", "0.1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "needs more than its memory limit of 0.1 GiB; raise it with $NC_RAY_QUERY_MEMORY_GIB" in result.stderr
+    assert result.peak < 500 * 2**20, result.peak
+    from nc_ray.query import open_sweep
+
+    with open_sweep(FIXTURE_SWEEP) as sweep:  # the default: a quarter of the machine's memory
+        limit = sweep.sql("SELECT current_setting('memory_limit') AS m").column(0)[0].as_py()
+    assert limit.endswith("B") and sweep.memory_gib == pytest.approx(limits.machine_memory_bytes() / 4 / GIB)
+
+
+def test_ctrl_c_during_a_query_exits_130_without_a_traceback() -> None:
+    import signal
+    import time
+
+    # As from a terminal: SIGINT not ignored (a test run in the background inherits it ignored).
+    process = subprocess.Popen([sys.executable, "-m", "nc_ray.cli", "query", str(FIXTURE_SWEEP), ENDLESS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(2.5)  # past the imports, inside the statement
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and err.strip() == "nc-ray: interrupted"
