@@ -33,7 +33,12 @@ def test_trial_workers_killed_repeatedly(ray_address, tmp_path, job_file):
 
 def test_worker_node_removed_mid_sweep(tmp_path, job_file):
     from ray.cluster_utils import Cluster
+    from ray.experimental import internal_kv
 
+    # Cluster.shutdown() resets this process's internal-KV client, which a session's Ray connection
+    # (the ray_address fixture) still needs, e.g. for the autoscaler requests of
+    # nc_ray.sweep.check_cluster in later tests: it is put back.
+    session_client = internal_kv.global_gcs_client
     spec_path = job_file("smoke", name="noderemoved", **LONG)
     sweep = tmp_path / "noderemoved"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -50,6 +55,8 @@ def test_worker_node_removed_mid_sweep(tmp_path, job_file):
             driver.kill()
     finally:
         cluster.shutdown()
+        if session_client is not None:
+            internal_kv._initialize_internal_kv(session_client)
     assert driver.returncode == 0, out
     assert len(list((sweep / "tune-000").glob("*/error.txt"))) == 1, "the removed node's trial should have failed once"
     assert_exactly_once(sweep, spec_path)
