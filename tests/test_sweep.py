@@ -115,20 +115,25 @@ def test_killed_trial_is_retried_and_rows_land_once(ray_address, tmp_path, job_f
     assert tune_dirs, "the killed trial should have left Tune's error record before its retry"
 
 
-def test_driver_sigkill_then_resume(ray_address, tmp_path, job_file):
-    spec_path = job_file("smoke", name="driverkill", **LONG)
-    sweep = tmp_path / "driverkill"
-    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path), "--address", ray_address)
+def kill_driver_then_resume(spec_path: Path, sweep: Path, ray_address: str) -> str:
+    """`nc-ray sweep` SIGKILLed once a pack has reached epoch 500, then `nc-ray resume`; its output."""
+    driver = nc_ray_cli("sweep", str(spec_path), "--storage", str(sweep.parent), "--address", ray_address)
     try:
         wait_for_progress(sweep, 500)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.communicate(timeout=60)
-    status = sweep_status(str(sweep))
-    assert status.counts["complete"] < 8
+    assert sweep_status(str(sweep)).counts["complete"] < 8
     resume = nc_ray_cli("resume", str(sweep), "--address", ray_address)
     out, _ = resume.communicate(timeout=300)
     assert resume.returncode == 0, out
+    return out
+
+
+def test_driver_sigkill_then_resume(ray_address, tmp_path, job_file):
+    spec_path = job_file("smoke", name="driverkill", **LONG)
+    sweep = tmp_path / "driverkill"
+    out = kill_driver_then_resume(spec_path, sweep, ray_address)
     assert "8 complete" in out
     assert_exactly_once(sweep, spec_path)
 
@@ -219,16 +224,7 @@ def test_schedule_and_stop_rule_killed_and_resumed_give_the_rows_of_an_uninterru
     run_sweep(straight, tmp_path, show_progress=False)
     killed = job_file("smoke", name="killed", **changes)
     sweep = tmp_path / "killed"
-    driver = nc_ray_cli("sweep", str(killed), "--storage", str(tmp_path), "--address", ray_address)
-    try:
-        wait_for_progress(sweep, 500)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.communicate(timeout=60)
-    assert sweep_status(str(sweep)).counts["complete"] < 8
-    resume = nc_ray_cli("resume", str(sweep), "--address", ray_address)
-    out, _ = resume.communicate(timeout=300)
-    assert resume.returncode == 0, out
+    kill_driver_then_resume(killed, sweep, ray_address)
 
     def rows(name: str, table: str) -> list[tuple]:
         con = duckdb.connect()
