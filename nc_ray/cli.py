@@ -2,7 +2,7 @@
 
     nc-ray sweep jobs/quickstart.yaml [--storage DIR|URI] [--address ADDR] [--dry-run]
     nc-ray resume SWEEP_DIR [--address ADDR]
-    nc-ray status SWEEP_DIR
+    nc-ray status SWEEP_DIR [--format text|json]
     nc-ray doctor SWEEP_DIR [--quarantine]
     nc-ray query SWEEP_DIR ["SELECT ..."] [--sweep DIR ...] [--format table|csv|json|parquet] [--output FILE]
     nc-ray phase SWEEP_DIR [--metric M ...] [--x weight_decay] [--y depth] [--layer N | --layers hidden] [--epoch N|all]
@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from nc_ray import timings
 from nc_ray.spec import SpecError, load_spec
 from nc_ray.store import SweepBusyError, SweepFencedError, SweepLock, SweepStore, redact
 
@@ -59,8 +60,9 @@ def _sweep_dirs(*patterns: str) -> list[Path]:
 
 def _sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated before Ray starts or anything is written
+    timings.mark("spec_loaded")
     if args.dry_run:
-        from nc_ray.planning import plan_sweep, sweep_store
+        from nc_ray.planning import pack_summary, plan_sweep, sweep_store
 
         plan = plan_sweep(spec, sweep_store(args.storage, spec.name))
         print(f"sweep {spec.name} -> {plan.store.uri}")
@@ -74,13 +76,7 @@ def _sweep(args: argparse.Namespace) -> int:
         chosen = f"auto: for this machine's {os.cpu_count()} CPUs" if plan.pack_size_auto else "set in the spec"
         print(f"{plan.n_members} members, {plan.n_finished} already finished, {len(plan.packs)} packs of <= {plan.pack_size} (pack size {chosen})")
         for pack in plan.packs:
-            first = pack.first
-            decays = sorted({m.weight_decay for m in pack.members})
-            print(
-                f"  {pack.pack_id}  {len(pack.members):3d} members  {first.dataset} {first.arch} depth={first.depth} "
-                f"width={first.width} loss={first.loss} epochs={first.epochs}  weight_decay {decays[0]:.3g}..{decays[-1]:.3g}  "
-                f"{first.describe_schedule()}"
-            )
+            print(f"  {pack_summary(pack)}  epochs={pack.first.epochs}  {pack.first.describe_schedule()}")
         return 0
     from nc_ray.limits import LimitError, preflight
     from nc_ray.planning import sweep_status, sweep_store
@@ -92,11 +88,14 @@ def _sweep(args: argparse.Namespace) -> int:
             SweepLock(store).probe()
         from nc_ray.sweep import run_sweep
 
+        timings.mark("runner_imported")
         store = run_sweep(args.spec, args.storage, args.address)
     except LimitError as error:
         print(f"nc-ray: {error}", file=sys.stderr)
         return 2
-    return _print_status(store.uri, sweep_status(store))
+    code = _print_status(store.uri, sweep_status(store))
+    timings.mark("done")
+    return code
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -118,7 +117,48 @@ def _status(args: argparse.Namespace) -> int:
     from nc_ray.planning import sweep_status
 
     store = _sweep_at(args.sweep_dir)
-    return _print_status(store.uri, sweep_status(store))
+    status = sweep_status(store)
+    if args.format == "json":
+        import json
+
+        print(json.dumps(status_document(store.uri, status), indent=1))
+        return _status_code(status)
+    return _print_status(store.uri, status)
+
+
+STATUS_JSON_EPILOG = """\
+--format json prints one JSON object (exit status as with text: 1 when members failed or the
+tables are damaged, else 0); its shape is stable ("format" names its version, keys are only added):
+  {"format": "nc-ray-status/1", "sweep": URI,
+   "counts": {"complete": n, "running": n, "pending": n, "diverged": n, "failed": n}, "members": n,
+   "running_packs": [{"pack_id": ID, "epoch": e, "epochs": E}, ...],
+   "failed": [{"member_id": ID, "error": TEXT}, ...],
+   "problems": [{"kind": KIND, "path": PATH, "detail": TEXT, "pack_id": ID or null, "repaired_by_resume": bool}, ...],
+   "tables": URI/tables}
+running_packs: packs evaluated at least once and unfinished (live, or left by a driver that died)."""
+
+
+def status_document(where: str, status) -> dict:
+    """`nc-ray status --format json`: the sweep's status as the stable JSON object STATUS_JSON_EPILOG describes."""
+    return {
+        "format": "nc-ray-status/1",
+        "sweep": where,
+        "counts": {state: status.counts[state] for state in ("complete", "running", "pending", "diverged", "failed")},
+        "members": sum(status.counts.values()),
+        "running_packs": [{"pack_id": pack_id, "epoch": epoch, "epochs": epochs} for pack_id, (epoch, epochs) in sorted(status.running.items())],
+        "failed": [{"member_id": member_id, "error": error} for member_id, error in sorted(status.errors.items())],
+        "problems": [{"kind": p.kind, "path": p.path, "detail": p.detail, "pack_id": p.pack_id, "repaired_by_resume": _repaired_by_resume(p)}
+                     for p in status.problems],
+        "tables": f"{where}/tables",
+    }
+
+
+def _repaired_by_resume(problem) -> bool:
+    return problem.pack_id is not None or problem.movable
+
+
+def _status_code(status) -> int:
+    return 1 if status.counts["failed"] or status.problems else 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -149,10 +189,9 @@ def _print_status(where: str, status) -> int:
     if status.problems:
         print(f"  damage (`nc-ray resume {where}` moves damaged files into quarantine/ and retrains their packs, whose members count as pending):")
     for problem in status.problems:
-        repaired = problem.pack_id is not None or problem.movable
-        print(f"    {problem}" + ("" if repaired else " [not repaired by resume]"))
+        print(f"    {problem}" + ("" if _repaired_by_resume(problem) else " [not repaired by resume]"))
     print(f"tables: {where}/tables/{{members,metrics,spectra}}")
-    return 1 if counts["failed"] or status.problems else 0
+    return _status_code(status)
 
 
 def _exits_2_on_query_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -400,8 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", type=_address, default=os.environ.get("RAY_ADDRESS"), help=address_help)
     resume.set_defaults(handler=_resume)
 
-    status = commands.add_parser("status", help="members complete / running / pending / diverged / failed, and any damage to the tables")
+    status = commands.add_parser("status", help="members complete / running / pending / diverged / failed, and any damage to the tables",
+                                 epilog=STATUS_JSON_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     status.add_argument("sweep_dir", type=_location)
+    status.add_argument("--format", choices=("text", "json"), default="text", help="text for people (default), json for scripts")
     status.set_defaults(handler=_status)
 
     doctor = commands.add_parser("doctor", help="check every table file whole and every finished member's rows; --quarantine moves damaged files aside")
@@ -446,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    timings.mark("main")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -21,11 +21,20 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from nc_ray.config import MemberConfig, PackPlan
+from nc_ray.data import n_classes_of
 from nc_ray.integrity import FINISHED, Problem, SweepCheck, check_sweep
+from nc_ray.limits import dataset_shape
 from nc_ray.spec import SweepSpec
 from nc_ray.store import SweepStore
 
 MAX_AUTO_PACK_SIZE = 64
+# The auto pack size's measured constants (bench/bench_sweep.py --pack-rule, BENCHMARKS.md "Pack
+# size"), for packs training on one CPU thread:
+SECONDS_PER_MAC = 0.06e-9  # a member's training time per multiply-add of `member_cost`, in a pack of >= 8
+STEP_OVERHEAD_S = 0.14e-3  # per optimizer step of a pack, whatever its size (dispatch, the step's bookkeeping)
+PACK_OVERHEAD_S = 0.1  # per pack on a worker that trained one before: Tune's switch, building it, its final files
+OVERHEAD_SHARE = 0.25  # a pack is large enough once each fixed cost above is <= this share of its members' training
+PACKS_PER_SLOT = 2  # where members allow, at least this many packs per trial slot: the longest-first order then evens the slots
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,61 @@ class SweepPlan:
     check: SweepCheck
 
 
-def auto_pack_size(n_members: int, slots: int) -> int:
-    """Enough packs to keep every slot busy twice over, each as large as that allows (<= 64)."""
-    return max(1, min(MAX_AUTO_PACK_SIZE, math.ceil(n_members / (2 * max(1, slots)))))
+def auto_pack_size(members: Sequence[MemberConfig], slots: int) -> int:
+    """The pack size for `members` (those to plan) on `slots` trial slots, from a measured cost model.
+
+    With a typical member (the median `member_cost`) that trains for t seconds per epoch
+    (`member_cost` / epochs x SECONDS_PER_MAC) in s optimizer steps per epoch, a pack of g members
+    is large enough once its fixed costs are at most OVERHEAD_SHARE of its training:
+
+        efficient  g >= s STEP_OVERHEAD_S / (OVERHEAD_SHARE t)             per step
+        amortized  g >= PACK_OVERHEAD_S / (OVERHEAD_SHARE t epochs)       per pack
+
+    and, for balance, g >= n / (PACKS_PER_SLOT slots), which leaves PACKS_PER_SLOT packs per
+    slot (fewer, larger packs beyond that only cost balance). The size is the largest of the
+    three, at most n / slots (every slot gets a pack: small sweeps keep all slots busy) and at
+    most MAX_AUTO_PACK_SIZE. Large sweeps of cheap members get packs of 64; a small sweep of
+    long-training members gets about two packs per slot.
+    """
+    n = len(members)
+    if n == 0:
+        return 1
+    typical = sorted(members, key=member_cost)[n // 2]
+    epoch_s = member_cost(typical) / typical.epochs * SECONDS_PER_MAC
+    shape = dataset_shape(typical)
+    n_train = shape[0] if shape is not None else 1
+    steps = math.ceil(n_train / min(typical.batch_size or n_train, n_train))
+    efficient = steps * STEP_OVERHEAD_S / (OVERHEAD_SHARE * epoch_s)
+    amortized = PACK_OVERHEAD_S / (OVERHEAD_SHARE * epoch_s * typical.epochs)
+    balanced = n / (PACKS_PER_SLOT * max(1, slots))
+    every_slot = math.ceil(n / max(1, slots))
+    return max(1, min(MAX_AUTO_PACK_SIZE, every_slot, math.ceil(max(efficient, amortized, balanced))))
+
+
+def member_cost(member: MemberConfig) -> float:
+    """A member's training work in multiply-adds of its forward passes: epochs x train samples x
+    weights (Σ_l in_l out_l). Backward passes and evaluations scale with it, so it orders packs by
+    cost and, times a measured rate, estimates seconds. A dataset of unknown size
+    (`limits.dataset_shape` None) counts one sample and a first layer as wide as the others."""
+    shape = dataset_shape(member)
+    n_train, _, in_dim = shape if shape is not None else (1, 0, member.width)
+    outs = [member.width] * (member.depth - 1) + [n_classes_of(member.dataset, **dict(member.dataset_params))]
+    return float(member.epochs * n_train * sum(o * i for o, i in zip(outs, [in_dim, *outs[:-1]])))
+
+
+def pack_cost(pack: PackPlan) -> float:
+    """`member_cost` summed over the pack's members."""
+    return len(pack.members) * member_cost(pack.first)
+
+
+def pack_summary(pack: PackPlan) -> str:
+    """A pack in a few words, as `--dry-run` and Tune's status table show it:
+    `digits mlp depth=4 width=64 loss=ce weight_decay 0.0001..0.1 x64 (pack 0123456789abcdef)`."""
+    first = pack.first
+    decays = sorted({m.weight_decay for m in pack.members})
+    decay = f"{decays[0]:.3g}" if len(decays) == 1 else f"{decays[0]:.3g}..{decays[-1]:.3g}"
+    return (f"{first.dataset} {first.arch} depth={first.depth} width={first.width} loss={first.loss} "
+            f"weight_decay {decay} x{len(pack.members)} (pack {pack.pack_id})")
 
 
 def parallel_slots(spec: SweepSpec, cluster: dict[str, float]) -> int:
@@ -64,7 +125,9 @@ def plan_packs(
     """Packs that train every member not yet finished.
 
     An unfinished pack of an earlier run that holds any wanted member is run again whole, so
-    its rows land in the files it already started; the rest are grouped by shape and chunked.
+    its rows land in the files it already started; the rest are grouped by shape, and each group
+    is split into the fewest packs of at most `pack_size` members, of equal sizes (+-1): a group
+    of 16 with pack_size 12 makes two packs of 8, not 12 and 4.
     """
     wanted = {m.member_id: m for m in members if statuses.get(m.member_id) not in FINISHED}
     packs, taken = [], set()
@@ -78,7 +141,9 @@ def plan_packs(
         if member_id not in taken:
             groups[member.pack_key()].append(member)
     for group in groups.values():
-        packs += [PackPlan.of(group[start : start + pack_size]) for start in range(0, len(group), pack_size)]
+        count = math.ceil(len(group) / pack_size)
+        bounds = [len(group) * i // count for i in range(count + 1)]
+        packs += [PackPlan.of(group[start:end]) for start, end in zip(bounds, bounds[1:])]
     return packs
 
 
@@ -99,7 +164,7 @@ def plan_sweep(spec: SweepSpec, store: SweepStore, cluster: dict[str, float] | N
     existing = [store.read_pack(pack_id) for pack_id in store.pack_ids()]
     pending = [m for m in members if statuses.get(m.member_id) not in FINISHED]
     auto = spec.resources.pack_size == "auto"
-    pack_size = auto_pack_size(len(pending), parallel_slots(spec, cluster or {})) if auto else spec.resources.pack_size
+    pack_size = auto_pack_size(pending, parallel_slots(spec, cluster or {})) if auto else spec.resources.pack_size
     packs = plan_packs(members, existing, statuses, pack_size)
     return SweepPlan(spec, store, packs, len(members), len(members) - len(pending), pack_size, auto, check)
 

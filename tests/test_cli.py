@@ -44,7 +44,7 @@ ANALYSIS_OPTIONS = ("--radius", "--collapse-layer", "--member", *THRESHOLDS)
 OPTIONS = {  # every option of each subcommand: unknown options must not abbreviate one of them
     "sweep": ("--storage", "--address", "--dry-run"),
     "resume": ("--address",),
-    "status": (),
+    "status": ("--format",),
     "doctor": ("--quarantine",),
     "query": ("--sweep", "--format", "--output"),
     "phase": ("--metric", "--x", "--y", "--layer", "--layers", "--epoch", "--out", *ANALYSIS_OPTIONS),
@@ -57,6 +57,8 @@ VALID_VALUES = {
     "--epoch": "final", "--out": "figures-new", "--radius": "2.0", "--collapse-layer": "1", "--member": "m0",
     **{threshold: "0.5" for threshold in THRESHOLDS},
 }
+# Where an option's valid values differ between subcommands: (command, option) -> a valid value.
+VALID_VALUES_OF = {("status", "--format"): "json"}
 # Each subcommand's positionals: the argparse name of the first, valid values of all.
 POSITIONALS = {
     "sweep": ("spec", [SPEC]), "query": ("sweep_dir", [SWEEP, "SELECT 1"]),
@@ -142,7 +144,8 @@ def not_sweep_dirs(draw: st.DrawFn) -> tuple[str, tuple[tuple[str, bytes], ...]]
 
 def option_values(command: str) -> st.SearchStrategy[list[str]]:
     """Any valid selection of the command's options, in any order."""
-    groups = [[option, VALID_VALUES[option]] if option in VALID_VALUES else [option] for option in OPTIONS[command]]
+    groups = [[option, VALID_VALUES_OF.get((command, option), VALID_VALUES[option])] if option in VALID_VALUES else [option]
+              for option in OPTIONS[command]]
     groups = [g for g in groups if g[0] not in ("--layer", "--member")]  # --layers is the valid one; no member ids exist
     if not groups:
         return st.just([])
@@ -335,7 +338,10 @@ def check_rejected(case: Case, workspace: Path, monkeypatch: pytest.MonkeyPatch,
     assert snapshot(workspace) == before, case.argv
 
 
-STATUS_AND_DOCTOR_CASES = st.sampled_from(["status", "doctor"]).flatmap(lambda command: st.one_of(common_cases(command), bad_sweep_dir(command)))
+STATUS_AND_DOCTOR_CASES = st.one_of(
+    st.sampled_from(["status", "doctor"]).flatmap(lambda command: st.one_of(common_cases(command), bad_sweep_dir(command))),
+    bad_value("status", "--format", words.filter(lambda w: w not in ("text", "json"))),
+)
 
 
 @pytest.mark.parametrize("cases", [
