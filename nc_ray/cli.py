@@ -86,7 +86,7 @@ def _sweep(args: argparse.Namespace) -> int:
         store = sweep_store(args.storage, spec.name)
         if store.exists(".lock"):  # only an existing lock file can be held; probing makes the directory
             SweepLock(store).probe()
-        from nc_ray.sweep import run_sweep
+        from nc_ray.sweep import exit_process, run_sweep
 
         timings.mark("runner_imported")
         store = run_sweep(args.spec, args.storage, args.address)
@@ -95,6 +95,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     code = _print_status(store.uri, sweep_status(store))
     timings.mark("done")
+    exit_process(code)  # without waiting for ray.shutdown, where that is safe
     return code
 
 
@@ -103,14 +104,16 @@ def _resume(args: argparse.Namespace) -> int:
 
     SweepLock(_sweep_at(args.sweep_dir)).probe()
     from nc_ray.limits import LimitError
-    from nc_ray.sweep import resume_sweep
+    from nc_ray.sweep import exit_process, resume_sweep
 
     try:
         store = resume_sweep(args.sweep_dir, args.address)  # refuses a directory without resolved_spec.json
     except LimitError as error:
         print(f"nc-ray: {error}", file=sys.stderr)
         return 2
-    return _print_status(store.uri, sweep_status(store))
+    code = _print_status(store.uri, sweep_status(store))
+    exit_process(code)  # without waiting for ray.shutdown, where that is safe
+    return code
 
 
 def _status(args: argparse.Namespace) -> int:

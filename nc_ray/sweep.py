@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,9 @@ from nc_ray.store import SweepLock, SweepStore
 logger = logging.getLogger(__name__)
 
 
+_embedded_ray = False  # whether this process started the Ray it runs on (`connect`)
+
+
 def connect(address: str | None = None) -> bool:
     """Join the cluster at `address` / $RAY_ADDRESS once its port answers (`reachable_address`:
     ray.init would retry a dead address for minutes), or start an embedded Ray sized to this
@@ -55,10 +59,30 @@ def connect(address: str | None = None) -> bool:
     if address:
         ray.init(address=reachable_address(address))
         return True
+    global _embedded_ray
     timings.mark("ray_start")
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     timings.mark("ray_up")
+    _embedded_ray = True
     return False
+
+
+def exit_process(code: int) -> None:
+    """End this process now with exit status `code` (its output flushed), where that ends its
+    embedded Ray as surely as `ray.shutdown()` would: Linux, where the kernel ends Ray's GCS and
+    raylet with the process that started them and `nc_ray.reaper` SIGKILLs the other processes
+    of this driver within its poll interval. ray.shutdown(), which Python's exit would run,
+    stops those processes one kind after another and waits for each: about 2 s of a user's
+    wait on 2 CPUs (BENCHMARKS.md). Elsewhere, or on a joined cluster, it returns and the
+    caller exits as usual. For `nc-ray`, once a sweep is done and reported; the sweep's lock is
+    released and Tune's experiment state written by then."""
+    if not (_embedded_ray and os.path.isdir("/proc/self")):
+        return
+    reaper.watch()  # started by `_fit` already where anything trained; idempotent
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _node_resources() -> list[dict[str, float]]:
