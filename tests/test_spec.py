@@ -89,7 +89,7 @@ def test_every_job_loads_and_round_trips(path: Path) -> None:
 
 def test_job_member_counts() -> None:
     counts = {p.stem: len(load_spec(p).members()) for p in JOB_FILES if load_spec(p).search.mode == "grid"}
-    assert counts["quickstart"] == 48
+    assert counts["quickstart"] == 72
     assert counts["smoke"] == 8
     for name in ("mnist_mlp", "fashion_mnist_resmlp", "cifar10_mlp"):
         assert counts[name] >= 1000
@@ -102,7 +102,7 @@ def test_quickstart_members() -> None:
     decays = sorted({m.weight_decay for m in members})
     assert len(decays) == 8 and decays[0] == 5e-4 and decays[-1] == 6.4e-2
     assert all(b / a == pytest.approx(decays[1] / decays[0], rel=1e-9) for a, b in zip(decays, decays[1:]))
-    assert {m.seed for m in members} == {0, 1}
+    assert {m.seed for m in members} == {0, 1, 2}
     assert members[0].evaluation_epochs()[0] == 0 and members[0].evaluation_epochs()[-1] == members[0].epochs
 
 
