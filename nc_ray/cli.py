@@ -86,7 +86,7 @@ def _sweep(args: argparse.Namespace) -> int:
         store = sweep_store(args.storage, spec.name)
         if store.exists(".lock"):  # only an existing lock file can be held; probing makes the directory
             SweepLock(store).probe()
-        from nc_ray.sweep import exit_process, run_sweep
+        from nc_ray.sweep import run_sweep
 
         timings.mark("runner_imported")
         store = run_sweep(args.spec, args.storage, args.address)
@@ -95,7 +95,6 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     code = _print_status(store.uri, sweep_status(store))
     timings.mark("done")
-    exit_process(code)  # without waiting for ray.shutdown, where that is safe
     return code
 
 
@@ -104,16 +103,14 @@ def _resume(args: argparse.Namespace) -> int:
 
     SweepLock(_sweep_at(args.sweep_dir)).probe()
     from nc_ray.limits import LimitError
-    from nc_ray.sweep import exit_process, resume_sweep
+    from nc_ray.sweep import resume_sweep
 
     try:
         store = resume_sweep(args.sweep_dir, args.address)  # refuses a directory without resolved_spec.json
     except LimitError as error:
         print(f"nc-ray: {error}", file=sys.stderr)
         return 2
-    code = _print_status(store.uri, sweep_status(store))
-    exit_process(code)  # without waiting for ray.shutdown, where that is safe
-    return code
+    return _print_status(store.uri, sweep_status(store))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -267,7 +264,7 @@ def _thresholds(args: argparse.Namespace):
 @_exits_2_on_query_errors
 def _phase(args: argparse.Namespace) -> int:
     from nc_ray.analysis import DEFAULT_METRICS, aggregate, boundary_comparison, boundary_text, phase_grid_text, try_forecast_setup, write_aggregate
-    from nc_ray.plots import save_png, standard_figures
+    from nc_ray.plots import render_pngs, standard_figures
     from nc_ray.query import Sweep
     from nc_ray.schema import EVALUATION_COLUMNS
 
@@ -299,8 +296,11 @@ def _phase(args: argparse.Namespace) -> int:
     if setup is not None and (args.x, args.y) == ("weight_decay", "depth"):
         print(boundary_text(boundary_comparison(table, setup)))
     suffix = "" if epoch == "final" else f"_e{epoch}"
-    for name, figure in figures.items():
-        print(f"wrote {save_png(figure, out / f'{name}{suffix}.png')}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in render_pngs(figures).items():
+        path = out / f"{name}{suffix}.png"
+        path.write_bytes(png)
+        print(f"wrote {path}")
     return 0
 
 
@@ -490,8 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in `argv` (default: this process's command line) and return its exit status.
+    As the command line's own run (`argv` None), a sweep or resume that trained on an embedded Ray
+    ends the process right there (`nc_ray.sweep.exit_process`)."""
     timings.mark("main")
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    runner = sys.modules.get("nc_ray.sweep")  # imported only by a command that ran a sweep: the read side never imports Ray
+    if argv is None and runner is not None:
+        runner.exit_process(code)  # without waiting for ray.shutdown, where that is safe
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The handler's exit status; a user's error as one `nc-ray:` line on stderr and status 2 (130 for Ctrl-C)."""
     try:
         return args.handler(args)
     except SpecError as error:

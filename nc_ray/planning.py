@@ -32,7 +32,7 @@ MAX_AUTO_PACK_SIZE = 64
 # size"), for packs training on one CPU thread:
 SECONDS_PER_MAC = 0.06e-9  # a member's training time per multiply-add of `member_cost`, in a pack of >= 8
 STEP_OVERHEAD_S = 0.14e-3  # per optimizer step of a pack, whatever its size (dispatch, the step's bookkeeping)
-PACK_OVERHEAD_S = 0.1  # per pack on a worker that trained one before: Tune's switch, building it, its final files
+PACK_OVERHEAD_S = 0.05  # per pack on a worker that trained one before: Tune's switch, building it, its final files
 OVERHEAD_SHARE = 0.25  # a pack is large enough once each fixed cost above is <= this share of its members' training
 PACKS_PER_SLOT = 2  # where members allow, at least this many packs per trial slot: the longest-first order then evens the slots
 

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 _embedded_ray = False  # whether this process started the Ray it runs on (`connect`)
+_reaped_since_fit = False  # whether `nc_ray.reaper` has watched this process since a Tune run began (`_fit`)
 
 
 def connect(address: str | None = None) -> bool:
@@ -69,16 +70,15 @@ def connect(address: str | None = None) -> bool:
 
 def exit_process(code: int) -> None:
     """End this process now with exit status `code` (its output flushed), where that ends its
-    embedded Ray as surely as `ray.shutdown()` would: Linux, where the kernel ends Ray's GCS and
-    raylet with the process that started them and `nc_ray.reaper` SIGKILLs the other processes
-    of this driver within its poll interval. ray.shutdown(), which Python's exit would run,
-    stops those processes one kind after another and waits for each: about 2 s of a user's
-    wait on 2 CPUs (BENCHMARKS.md). Elsewhere, or on a joined cluster, it returns and the
-    caller exits as usual. For `nc-ray`, once a sweep is done and reported; the sweep's lock is
-    released and Tune's experiment state written by then."""
-    if not (_embedded_ray and os.path.isdir("/proc/self")):
+    embedded Ray as surely as `ray.shutdown()` would: the kernel ends Ray's GCS and raylet with
+    the process that started them, and `nc_ray.reaper`, which has noted this driver's processes
+    since its Tune run began, SIGKILLs the others. ray.shutdown(), which Python's exit would
+    run, stops those processes one kind after another and waits for each: about 2 s of a user's
+    wait on 2 CPUs (BENCHMARKS.md). Otherwise (a joined cluster, no /proc, nothing trained)
+    it returns and the caller exits as usual. For `nc-ray`, once a sweep is done and reported:
+    the sweep's lock is released and Tune's experiment state written by then."""
+    if not (_embedded_ray and _reaped_since_fit):
         return
-    reaper.watch()  # started by `_fit` already where anything trained; idempotent
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -520,7 +520,9 @@ def _new_tune_run(store: SweepStore, spec: SweepSpec) -> str:
 
 
 def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *, restore: bool, show_progress: bool) -> None:
+    global _reaped_since_fit
     reaper.watch()  # the processes of an embedded Ray end with this driver, however it ends
+    _reaped_since_fit = os.path.isdir("/proc/self")  # where the reaper runs (Linux)
     seeds = len(spec.resolved()["grid"].get("seed", [spec.training.seed]))
     callbacks = [MemberProgress(store, seeds)] if show_progress else []
     trainable = _trainable_for(spec, store)

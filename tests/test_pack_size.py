@@ -5,15 +5,12 @@ even. Pure planning: no Ray, no torch, no timing."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import pytest
 
 from nc_ray.planning import MAX_AUTO_PACK_SIZE, auto_pack_size, pack_cost, plan_packs, plan_sweep
-from nc_ray.spec import load_spec, parse_spec
+from nc_ray.spec import parse_spec
 from nc_ray.store import SweepStore
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {  # bench/bench_scale.py's members: 2 epochs of a width-8 MLP on 90 samples
     "name": "tiny", "dataset": {"name": "gaussian", "params": {"n_classes": 3, "dim": 8, "samples_per_class": 30, "test_samples_per_class": 10}},
     "model": {"arch": "mlp", "width": 8}, "loss": "ce", "training": {"epochs": 2, "batch_size": 32},
@@ -22,8 +19,17 @@ TINY = {  # bench/bench_scale.py's members: 2 epochs of a width-8 MLP on 90 samp
 }
 
 
+# The quickstart's shape as BENCHMARKS.md measured it (jobs/quickstart.yaml may change): 3 depths x 8 λ x 2 seeds.
+QUICKSTART = {
+    "name": "quick", "dataset": {"name": "digits"}, "model": {"arch": "mlp", "width": 32}, "loss": "mse",
+    "training": {"lr": 0.1, "batch_size": 128, "epochs": 1600},
+    "grid": {"depth": [4, 6, 8], "weight_decay": {"log_range": [5.0e-4, 6.4e-2], "num": 8}, "seed": [0, 1]},
+    "metrics": {"every": 200}, "resources": {"pack_size": "auto"},
+}
+
+
 def quickstart_members():
-    return load_spec(REPO / "jobs" / "quickstart.yaml").members()
+    return parse_spec(QUICKSTART, source="quickstart").members()
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3, 8, 48, 64, 1000])
@@ -47,7 +53,7 @@ def test_a_large_sweep_of_cheap_members_gets_the_largest_packs():
 
 
 def test_the_quickstart_on_two_cpus_makes_even_packs_longest_first(tmp_path):
-    plan = plan_sweep(load_spec(REPO / "jobs" / "quickstart.yaml"), SweepStore(str(tmp_path)), {"CPU": 2})
+    plan = plan_sweep(parse_spec(QUICKSTART, source="quickstart"), SweepStore(str(tmp_path)), {"CPU": 2})
     # 3 depths x 16 members: each depth in two packs of 8 (not 12 and 4), two packs per slot.
     assert sorted(len(p.members) for p in plan.packs) == [8] * 6
     ordered = sorted(plan.packs, key=pack_cost, reverse=True)
