@@ -326,13 +326,13 @@ def forecast_setup(sweep: Sweep, collapse_layer: int = 1, radius: float | None =
     if len(configs) != 1:
         raise ValueError(f"the forecast needs one dataset configuration and loss per sweep, found {len(configs)}: {configs}")
     config = configs[0]
-    from nc_ray.data import load_dataset, n_classes_of  # torch: only here
+    from nc_ray.data import n_classes_of, prepared_arrays
 
     params = json.loads(config["dataset_params"] or "{}")
     if radius is None:
-        data = load_dataset(config["dataset"], n_per_class=config["n_per_class"], standardize=config["standardize"], **params)
+        data = prepared_arrays(config["dataset"], n_per_class=config["n_per_class"], standardize=config["standardize"], **params)
         centered = config["loss"] == "ce"
-        radius = class_mean_radius(data.x_train.reshape(len(data.x_train), -1).numpy(), data.y_train.numpy(), centered=centered)
+        radius = class_mean_radius(data.x_train, data.y_train, centered=centered)
         source = f"data: mean class-mean norm of the training inputs{' (centered)' if centered else ''}"
     else:
         source = "given"

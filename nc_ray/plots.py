@@ -1,7 +1,7 @@
 """Figures of a sweep: heatmaps and the phase map over two config axes, and the paper's relations.
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot (no global state, the Agg
-canvas renders it); `save_png` / `png_bytes` write it. Grids come from `nc_ray.analysis.aggregate`
+canvas renders it); `png_bytes` and `render_pngs` (several figures on several cores) render it. Grids come from `nc_ray.analysis.aggregate`
 tables: one cell per (x, y); x is drawn on a log axis with the actual values as tick labels when it
 is positive and spans at least a decade, y as categories. Cells without a complete member are
 hatched grey; cells where some members are not complete (diverged, failed or unfinished) carry a
@@ -14,8 +14,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -60,12 +61,28 @@ def _side_colorbar(figure: Figure, mappable: ScalarMappable, label: str) -> None
     figure.colorbar(mappable, cax=figure.add_axes((1 - 1.05 / width, 0.2, 0.15 / width, 0.6)), label=label)
 
 
-def save_png(figure: Figure, path: str | Path) -> Path:
-    """Write `figure` as a PNG file (parents created); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(figure))
-    return path
+# Figures in the process being forked, read by the children (`render_pngs`): no pickling of them.
+_TO_RENDER: list[Figure] = []
+
+
+def _render(index: int) -> bytes:
+    return png_bytes(_TO_RENDER[index])
+
+
+def render_pngs(figures: Mapping[str, Figure], processes: int | None = None) -> dict[str, bytes]:
+    """PNG bytes of each figure. Rendering is most of `nc-ray phase`'s and `report`'s time and
+    holds the GIL, so several figures are rendered by forked processes, one per core (default),
+    which inherit the figures instead of receiving them pickled; one at a time where fork is missing."""
+    global _TO_RENDER
+    processes = min(processes or os.cpu_count() or 1, len(figures))
+    if processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return {name: png_bytes(figure) for name, figure in figures.items()}
+    _TO_RENDER = list(figures.values())
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            return dict(zip(figures, pool.map(_render, range(len(_TO_RENDER)), chunksize=1)))
+    finally:
+        _TO_RENDER = []
 
 
 def png_bytes(figure: Figure) -> bytes:

@@ -34,7 +34,7 @@ from nc_ray.analysis import (
     forecast_comparison,
     try_forecast_setup,
 )
-from nc_ray.plots import PHASE_COLORS, collapse_objective_concordance, objective_table, png_bytes, standard_figures
+from nc_ray.plots import PHASE_COLORS, collapse_objective_concordance, objective_table, render_pngs, standard_figures
 from nc_ray.query import Sweep, open_sweep
 from nc_ray.schema import CONFIG_NAMES, MEMBER_STATUSES, TABLES
 
@@ -178,7 +178,7 @@ def render_report(sweep: Sweep, setup: ForecastSetup | None, thresholds: PhaseTh
     summary = summarize(sweep)
     table = aggregate(sweep, metrics=("train_acc", "test_acc", "sv_max", "rank_rel_1e2", "stable_rank", "dist_k_rel", "tcv_rel",
                                       "nc1", "bound_ratio", "bound_perp_ratio", "stationarity"), thresholds=thresholds)
-    figures = {name: png_bytes(figure) for name, figure in standard_figures(sweep, table, REPORT_HEATMAPS, setup, member_id).items()}
+    figures = render_pngs(standard_figures(sweep, table, REPORT_HEATMAPS, setup, member_id))
 
     def fraction(value: float | None, ok: int, n: int) -> str:
         return "n/a" if value is None else f"{value:.6f} ({ok} of {n} metrics rows)"

@@ -9,7 +9,7 @@ values it pins (docs/datasets.md).
 """
 
 from nc_ray.data.base import Dataset, DatasetError, ParamError
-from nc_ray.data.registry import dataset_names, dataset_params, load_dataset, n_classes_of, resolve_params
+from nc_ray.data.registry import dataset_names, dataset_params, load_dataset, n_classes_of, prepared_arrays, resolve_params
 
 __all__ = ["Dataset", "DatasetError", "ParamError", "dataset_names", "dataset_params", "load_dataset", "n_classes_of",
-           "resolve_params"]
+           "prepared_arrays", "resolve_params"]

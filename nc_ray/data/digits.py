@@ -6,7 +6,10 @@ import math
 import numbers
 from collections.abc import Mapping
 
+import numpy as np
+
 from nc_ray.data.base import Arrays, is_int, require
+from nc_ray.data.download import cached
 
 N_SAMPLES, N_CLASSES = 1797, 10
 
@@ -25,13 +28,21 @@ def check_digits(params: Mapping[str, object]) -> None:
 
 
 def digits(*, test_fraction: float = 0.2, split_seed: int = 0) -> Arrays:
-    """Stratified train/test split of the digits, deterministic in split_seed; images (N, 8, 8), pixels 0..16."""
-    # Imported here: scikit-learn takes about a second to import and only this dataset needs it.
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """Stratified train/test split of the digits, deterministic in split_seed; images (N, 8, 8), pixels 0..16.
 
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x.reshape(-1, 8, 8), y, test_size=float(test_fraction), random_state=int(split_seed), stratify=y
-    )
-    return Arrays(x_train, y_train, x_test, y_test, n_classes=N_CLASSES, x_scale=16.0)
+    The split is cached like a downloaded dataset (`cached`), so that later loads, in workers and
+    in `nc-ray phase`, do not import scikit-learn (about 2 s).
+    """
+
+    def split(_: object) -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        x, y = load_digits(return_X_y=True)
+        x_train, x_test, y_train, y_test = train_test_split(
+            x.reshape(-1, 8, 8), y, test_size=float(test_fraction), random_state=int(split_seed), stratify=y
+        )
+        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+    a = cached(f"digits-test{float(test_fraction)!r}-seed{int(split_seed)}", split)
+    return Arrays(a["x_train"], a["y_train"], a["x_test"], a["y_test"], n_classes=N_CLASSES, x_scale=16.0)

@@ -125,7 +125,7 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
     return centered.reshape(x_train.shape), ((x_test.reshape(len(x_test), -1) - mean) / std).reshape(x_test.shape)
 
 
-def load_dataset(
+def prepared_arrays(
     name: str,
     *,
     n_per_class: int | None = None,
@@ -133,10 +133,10 @@ def load_dataset(
     flatten: bool = True,
     subsample_seed: int = 0,
     **params: object,
-) -> Dataset:
-    """Load dataset `name` with its params, then: balanced train subsample, scale pixels to [0, 1],
-    standardize with train statistics, flatten to (N, d). Same arguments -> bitwise identical tensors.
-    """
+) -> Arrays:
+    """Dataset `name` with its params as numpy arrays, after: balanced train subsample, pixels scaled
+    to [0, 1], standardization with train statistics, flattening to (N, d); `x_scale` is then 1.
+    What `load_dataset` makes tensors of; the read side (the forecast's radius) uses it without torch."""
     complete = _complete(name, params)
     require(n_per_class is None or is_int(n_per_class), "n_per_class", n_per_class, "must be an integer or None")
     require(is_int(subsample_seed) and subsample_seed >= 0, "subsample_seed", subsample_seed,
@@ -153,11 +153,19 @@ def load_dataset(
         x_train, x_test = _standardize(x_train, x_test)
     if flatten:
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
+    return Arrays(x_train, y_train, x_test, a.y_test, a.n_classes)
 
+
+def load_dataset(name: str, **options: object) -> Dataset:
+    """`prepared_arrays` as a `Dataset` of tensors (float32 features, int64 labels): the options are
+    theirs (n_per_class, standardize, flatten, subsample_seed, and the dataset's params). Same
+    arguments -> bitwise identical tensors."""
     import torch  # here, so that validating a spec against the registry does not import torch
+
+    a = prepared_arrays(name, **options)
 
     def tensor(x: np.ndarray, dtype: np.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))
 
-    return Dataset(name, tensor(x_train, np.float32), tensor(y_train, np.int64),
-                   tensor(x_test, np.float32), tensor(a.y_test, np.int64), a.n_classes)
+    return Dataset(name, tensor(a.x_train, np.float32), tensor(a.y_train, np.int64),
+                   tensor(a.x_test, np.float32), tensor(a.y_test, np.int64), a.n_classes)
