@@ -223,7 +223,9 @@ def phase_map(
     grid.draw_axes(ax)
     handles = [Patch(facecolor=PHASE_COLORS[p], label=p) for p in PHASES] + [Patch(facecolor="#eeeeee", hatch="xx", label="no complete member")]
     if "rank_below_dnc" in table.column_names:
-        below = grid.values(np.array([1.0 if flag else None for flag in _column(table, "rank_below_dnc")], dtype=object))
+        # Not on trivial cells: the zero function has no rank to speak of.
+        flags = zip(_column(table, "rank_below_dnc"), _column(table, "phase"))
+        below = grid.values(np.array([1.0 if flag and phase != "trivial" else None for flag, phase in flags], dtype=object))
         for i, j, _ in grid.cells:
             if below[i, j] == 1.0:
                 ax.text(grid.x_pos[j], i + 0.25, "<K−1", ha="center", va="center", fontsize=6, color="black")
@@ -245,7 +247,7 @@ def phase_map(
              "collapsed_low_rank: both; collapsed:\n   DNC1 only; low_rank: low rank only")
     handles.append(Line2D([], [], linestyle="none", label=rules))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
-    ax.set_title(title or "phase per cell")
+    ax.set_title(title or "phase per cell (final epoch, medians over seeds)")
     return figure
 
 
