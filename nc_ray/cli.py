@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nc_ray import timings
-from nc_ray.spec import SpecError, load_spec
 from nc_ray.store import SweepBusyError, SweepFencedError, SweepLock, SweepStore, redact
 
 # What makes a directory a sweep's: resolved_spec.json, written when `nc-ray sweep` starts, or
@@ -59,6 +58,8 @@ def _sweep_dirs(*patterns: str) -> list[Path]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from nc_ray.spec import load_spec
+
     spec = load_spec(args.spec)  # validated before Ray starts or anything is written
     timings.mark("spec_loaded")
     if args.dry_run:
@@ -506,9 +507,6 @@ def _run(args: argparse.Namespace) -> int:
     """The handler's exit status; a user's error as one `nc-ray:` line on stderr and status 2 (130 for Ctrl-C)."""
     try:
         return args.handler(args)
-    except SpecError as error:
-        print(f"nc-ray: invalid job spec\n{redact(str(error))}", file=sys.stderr)
-        return 2
     except (SweepBusyError, SweepFencedError, KeyError, OSError) as error:
         # OSError: a path that is missing, unwritable or read-only, a full disk, storage out of reach.
         print(f"nc-ray: {redact(str(error))}", file=sys.stderr)
@@ -516,6 +514,14 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("nc-ray: interrupted", file=sys.stderr)
         return 130
+    except ValueError as error:
+        # nc_ray.spec is imported only by the commands that read specs (pydantic costs `query` ~0.1 s);
+        # a SpecError can only come from it, so it is loaded whenever one is raised.
+        spec = sys.modules.get("nc_ray.spec")
+        if spec is None or not isinstance(error, spec.SpecError):
+            raise
+        print(f"nc-ray: invalid job spec\n{redact(str(error))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
