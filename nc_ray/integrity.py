@@ -38,7 +38,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nc_ray.config import MemberConfig, PackPlan
@@ -156,6 +155,8 @@ def _whose(keys: pa.Table) -> str:
 def _misfit(table: str, keys: pa.Table, pack_id: str, epoch: int | None, pack: PackPlan | None) -> str | None:
     """Why a file's rows are not those its name promises, or None. A null pack_id (rows written
     without one) is judged by membership alone."""
+    import pyarrow.compute as pc  # here: query sessions import this module for its footer checks alone
+
     if keys.num_rows == 0:
         return None
     other_pack = pc.any(pc.not_equal(keys["pack_id"], pack_id)).as_py()

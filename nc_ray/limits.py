@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nc_ray.config import MemberConfig
-from nc_ray.data import n_classes_of
 
 if TYPE_CHECKING:
     from nc_ray.spec import SweepSpec
@@ -136,6 +135,8 @@ def dataset_shape(member: MemberConfig) -> tuple[int, int, int] | None:
         return None
     n_train, n_test, in_dim = shape
     if member.n_per_class is not None:
+        from nc_ray.data import n_classes_of  # here: query sessions read this module's limits, not datasets
+
         n_train = min(n_train, member.n_per_class * n_classes_of(member.dataset, **params))
     return n_train, n_test, in_dim
 
@@ -161,6 +162,8 @@ def pack_memory_bytes(member: MemberConfig, pack_size: int) -> int:
     """
     shape = dataset_shape(member)
     n_train, n_test, in_dim = shape if shape is not None else (0, 0, member.width)
+    from nc_ray.data import n_classes_of
+
     g, k = pack_size, n_classes_of(member.dataset, **dict(member.dataset_params))
     outs = [member.width] * (member.depth - 1) + [k]
     layers = [o * i for o, i in zip(outs, [in_dim] + outs[:-1])]
