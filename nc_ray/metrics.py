@@ -198,7 +198,7 @@ def pack_metrics(
             inputs = single_inputs or as_float64(forward_layers(x[part], list(model.weights), biases, arch, activation)[1])
             for layer, z in enumerate(inputs):
                 class_sums[layer] = class_sums[layer] + onehot @ z
-    means, centered_means, centered_pinv, between_sq, span = [], [], [], [], []
+    means, centered_means, between_sq, span, projections = [], [], [], [], []
     for sums in class_sums:
         mean = sums / counts.clamp_min(1)[:, None]
         global_mean = sums.sum(-2) / n
@@ -206,15 +206,18 @@ def pack_metrics(
         m_tilde = centered[..., present, :].transpose(-1, -2)  # (G,) n x K_present
         means.append(mean)
         centered_means.append(m_tilde)
-        centered_pinv.append(torch.linalg.pinv(m_tilde, rtol=PINV_RTOL))
+        pinv = torch.linalg.pinv(m_tilde, rtol=PINV_RTOL)
         between_sq.append((centered.square().sum(-1) * counts).sum(-1))  # Σ_c n_c ||μ_c − μ_G||²
         span.append(_span_basis(mean[..., present, :]))  # Q of the uncentered class means
+        # [U | M̃⁺ᵀ]: a deviation times it gives, in one product, its coordinates in the class-mean
+        # span (tcv_perp) and in the between-class directions (nc1).
+        projections.append(torch.cat([span[-1], pinv.transpose(-1, -2)], -1))
 
     # Pass 2: deviations z_i − μ_c(i) (and their part outside the class-mean span), and δ_i by
     # one backward pass per chunk. Δ(Z − M)ᵀ is accumulated directly, not as ΔZᵀ − ΔMᵀ, so that
     # it keeps its precision when the features are nearly collapsed.
     zeros = lambda: torch.zeros(size, depth, dtype=torch.float64, device=device)  # noqa: E731
-    tcv, tcv_sq, tcv_perp_sq, nc1_sum, delta_max, delta_sq = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+    tcv, tcv_sq, tcv_in_span_sq, nc1_sum, delta_max, delta_sq = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
     delta_deviation = [torch.zeros(size, *w.shape[1:], dtype=torch.float64, device=device) for w in weights]
     delta_class = [torch.zeros(size, n_classes, w.shape[1], dtype=torch.float64, device=device) for w in weights]
     loss_sum = torch.zeros(size, dtype=torch.float64, device=device)
@@ -238,8 +241,10 @@ def pack_metrics(
                 deviation_norm = torch.linalg.vector_norm(deviation, dim=-1)
                 tcv[:, layer] += deviation_norm.sum(-1)
                 tcv_sq[:, layer] += deviation_norm.square().sum(-1)
-                tcv_perp_sq[:, layer] += _remove_span(deviation, span[layer]).square().sum((-2, -1))
-                nc1_sum[:, layer] += (deviation @ centered_pinv[layer].transpose(-1, -2)).square().sum((-2, -1))
+                coordinates = (deviation @ projections[layer]).square()
+                in_span = span[layer].shape[-1]
+                tcv_in_span_sq[:, layer] += coordinates[..., :in_span].sum((-2, -1))
+                nc1_sum[:, layer] += coordinates[..., in_span:].sum((-2, -1))
                 delta_norm = torch.linalg.vector_norm(delta, dim=-1)
                 delta_max[:, layer] = torch.maximum(delta_max[:, layer], delta_norm.max(1).values)
                 delta_sq[:, layer] += delta_norm.square().sum(1)
@@ -259,7 +264,9 @@ def pack_metrics(
     # Σ_i ||z_i − μ_G||² = Σ_i ||z_i − μ_c(i)||² + Σ_c n_c ||μ_c − μ_G||²; 0/0 (all inputs equal) is NaN, stored null.
     total_sq = tcv_sq + torch.stack(torch.broadcast_tensors(*between_sq), 1)
     layer["tcv_rel"] = tcv_sq / total_sq
-    layer["tcv_perp_rel"] = tcv_perp_sq / total_sq
+    # ||(I − Q)d||² = ||d||² − ||Uᵀd||² (U orthonormal): its rounding is ~1e-16 of tcv_sq, so of the
+    # relative measure too; clamped at 0 against it.
+    layer["tcv_perp_rel"] = (tcv_sq - tcv_in_span_sq).clamp_min(0) / total_sq
     layer["nc1"] = nc1_sum / n
     grad_norm, deviation_norm, deviation_perp_norm = zeros(), zeros(), zeros()
     for index in range(depth):
