@@ -7,12 +7,13 @@ spec is read, so only their variables set them. Who checks what:
 
   spec file size, nesting depth, expanded size     `nc_ray.spec.load_spec`, before YAML objects are built
   members, evaluations, epochs, depth              spec validation (`SweepSpec`), from numbers alone
-  the memory of one pack, a trial's CPUs           `check_this_machine` before an embedded Ray starts;
+  the memory of one pack, a trial's CPUs and GPUs  `check_this_machine` before an embedded Ray starts;
                                                    `nc_ray.sweep.check_cluster` on a joined cluster's nodes
   a cluster address that answers                   `preflight` and `nc_ray.sweep.connect`, before any lock
   a node that can run one trial (CPU, GPU)         `nc_ray.sweep.check_cluster`, before Tune starts
 
-This module imports neither Ray nor torch (except Ray's address lookup for `--address auto`).
+This module imports neither Ray nor torch, except Ray's address lookup for `--address auto` and its
+GPU detection for a spec that asks for GPUs.
 """
 
 from __future__ import annotations
@@ -278,14 +279,29 @@ def missing_resources(request: dict[str, float], nodes: list[dict[str, float]]) 
     return f"a trial asks for {asked} on one node, and no node has that (at most {largest} on any of {len(nodes)} nodes)"
 
 
+def this_machine_gpus() -> int:
+    """The GPUs an embedded Ray would give this machine's node, found as Ray finds them (NVML, capped
+    by $CUDA_VISIBLE_DEVICES) without starting Ray, which takes seconds."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return count if visible is None else min(count, len(visible))
+
+
 def check_this_machine(spec: SweepSpec, source: str) -> None:
-    """LimitError, before an embedded Ray starts, if this machine (its node: all its CPUs) cannot
-    run a trial of `spec`: its CPUs, or the largest pack's memory. (GPUs are as Ray detects them:
-    `nc_ray.sweep.check_cluster` checks them once Ray runs.)"""
+    """LimitError, before an embedded Ray starts, if this machine (its node: all its CPUs and GPUs)
+    cannot run a trial of `spec`: its CPUs, its GPUs, or the largest pack's memory."""
     cpus = os.cpu_count() or 1
     if spec.resources.cpu > cpus:
         raise LimitError(f"{source}: a trial asks for {spec.resources.cpu:g} CPU, and this machine has {cpus}; "
                          "lower resources.cpu, or join a cluster with larger nodes (--address)")
+    if spec.resources.gpu > 0:
+        gpus = this_machine_gpus()
+        if spec.resources.gpu > gpus:
+            raise LimitError(f"{source}: a trial asks for {spec.resources.gpu:g} GPU, and this machine has {gpus}; "
+                             "set resources.gpu: 0 to train on the CPU, or join a cluster with GPU nodes (--address)")
     check_pack_memory(spec, source, machine_memory_bytes(), "this machine")
 
 

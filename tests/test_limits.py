@@ -347,6 +347,16 @@ def test_a_trial_this_machine_cannot_run_is_refused_before_ray_starts(tmp_path: 
     assert_cli_refuses(tmp_path, spec, "a trial asks for 4096 CPU, and this machine has", "lower resources.cpu")
 
 
+def test_a_trial_asking_for_more_gpus_than_this_machine_has_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    from nc_ray.limits import this_machine_gpus
+
+    asked = this_machine_gpus() + 1
+    spec = write(tmp_path, yaml.safe_dump(smoke(resources={"cpu": 1, "gpu": asked})))
+    err = assert_cli_refuses(tmp_path, spec, f"a trial asks for {asked} GPU, and this machine has {asked - 1}",
+                             "set resources.gpu: 0")
+    assert "Started a local Ray instance" not in err, err
+
+
 def test_a_trial_no_node_can_run_is_refused_before_tune(ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nc_ray.sweep import check_cluster
 
