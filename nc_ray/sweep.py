@@ -546,18 +546,24 @@ def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *
 def _without_tune_loggers() -> Iterator[None]:
     """Tune's JSON/CSV/TensorBoard loggers duplicate what the Parquet tables hold, one file per
     trial; without them Tune's result analysis warns about every trial, which says nothing here.
-    Scoped, so that a caller's own Tune runs in this process keep their defaults."""
-    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    saved_variable, saved_level = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"), analysis_log.level
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    analysis_log.setLevel(logging.ERROR)
+    Tune's console output goes too: its new output engine prints an experiment box and a results
+    path at any verbosity (the old one, with verbose=0, prints nothing), and its "Wrote the latest
+    version of all result files" line is logged at INFO. nc-ray shows its own progress bar and
+    summary. Scoped, so that a caller's own Tune runs in this process keep their defaults."""
+    variables = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+    quiet = [logging.getLogger(name) for name in ("ray.tune.analysis.experiment_analysis", "ray.tune.tune")]
+    saved_variables = {name: os.environ.get(name) for name in variables}
+    saved_levels = [log.level for log in quiet]
+    os.environ.update(variables)
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        analysis_log.setLevel(saved_level)
-        if saved_variable is None:
-            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
-        else:
-            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved_variable
-
-
+        for log, level in zip(quiet, saved_levels):
+            log.setLevel(level)
+        for name, value in saved_variables.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value

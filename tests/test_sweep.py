@@ -135,6 +135,9 @@ def test_driver_sigkill_then_resume(ray_address, tmp_path, job_file):
     sweep = tmp_path / "driverkill"
     out = kill_driver_then_resume(spec_path, sweep, ray_address)
     assert "8 complete" in out
+    # nc-ray's summary, not Tune's console output (its experiment box, results path, write log)
+    for tune_output in ("Configuration for experiment", "View detailed results", "Wrote the latest version"):
+        assert tune_output not in out, out
     assert_exactly_once(sweep, spec_path)
 
 
