@@ -648,6 +648,12 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a YAML spec file (safe loading only), within the limits of nc_ray.limits:
     at most $NC_RAY_MAX_SPEC_BYTES bytes are read, and the nesting depth and the size with every
     alias expanded are counted over YAML's events, before anything is composed or built."""
+    return read_spec_file(path)[0]
+
+
+def read_spec_file(path: str | Path) -> tuple[SweepSpec, bytes]:
+    """`load_spec`, with the bytes it parsed: what a sweep keeps as its spec.yaml, read once, so
+    that the file kept is the file run even when it changes meanwhile."""
     try:
         max_bytes, max_depth, max_nodes = SPEC_BYTES.value(), SPEC_DEPTH.value(), SPEC_NODES.value()
     except LimitError as e:
@@ -675,4 +681,4 @@ def load_spec(path: str | Path) -> SweepSpec:
     finally:
         if loader is not None:
             loader.dispose()
-    return parse_spec(data, str(path))
+    return parse_spec(data, str(path)), content

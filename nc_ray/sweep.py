@@ -36,7 +36,7 @@ from nc_ray.config import PackPlan
 from nc_ray.integrity import SweepCheck
 from nc_ray.limits import RESOURCES_WAIT_S, LimitError, check_pack_memory, check_this_machine, missing_resources, reachable_address
 from nc_ray.planning import FINISHED, SweepPlan, objective_value, pack_cost, pack_summary, plan_sweep, sweep_store
-from nc_ray.spec import SweepSpec, load_spec, parse_spec
+from nc_ray.spec import SweepSpec, parse_spec, read_spec_file
 from nc_ray.store import SweepLock, SweepStore
 
 logger = logging.getLogger(__name__)
@@ -421,11 +421,11 @@ def run_sweep(
     block the machine (nc_ray.limits): its largest pack's memory, a cluster address that does not
     answer, or trial resources that no node has.
     """
-    spec = load_spec(spec_path)
+    spec, spec_bytes = read_spec_file(spec_path)
     store = sweep_store(storage, spec.name, filesystem)
     ray_deferred = _ray_deferred(spec, str(spec_path), address)
     with SweepLock(store):
-        store.write_bytes("spec.yaml", Path(spec_path).read_bytes())
+        store.write_bytes("spec.yaml", spec_bytes)
         store.write_json("resolved_spec.json", spec.resolved())
         _train_unfinished(spec, store, show_progress, ray_deferred)
     return store

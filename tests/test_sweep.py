@@ -102,6 +102,7 @@ def test_extending_a_finished_sweep_trains_only_new_members(ray_address, tmp_pat
     packs = [json.loads(p.read_text()) for p in (sweep / "packs").glob("*.json")]
     new_packs = {p["pack_id"] for p in packs if {m["member_id"] for m in p["members"]} <= new_members}
     assert len(new_packs) == 2 and {name[:16] for name in new_files} == new_packs
+    assert (sweep / "spec.yaml").read_bytes() == extended.read_bytes()  # the spec of the latest run, as run
     assert_exactly_once(sweep, extended)
 
 
