@@ -157,11 +157,15 @@ def plan_sweep(spec: SweepSpec, store: SweepStore, cluster: dict[str, float] | N
 
     `cluster` holds Ray's resource totals (for the auto pack size); without it, this machine's CPUs.
     Members of damaged packs count as unfinished (`check_sweep`), so their packs run again whole.
+    In optuna mode the search makes the packs as its trials start: only damaged packs are planned.
     """
-    members = spec.members() if spec.search.mode == "grid" else []  # optuna packs are made per trial
     check = check_sweep(store)
     statuses = check.statuses
     existing = [store.read_pack(pack_id) for pack_id in store.pack_ids()]
+    if spec.search.mode == "grid":
+        members = spec.members()
+    else:  # the search makes a pack per trial; planned here are only the damaged ones, to train again
+        members = [m for pack in existing if pack.pack_id in check.damaged_packs for m in pack.members]
     pending = [m for m in members if statuses.get(m.member_id) not in FINISHED]
     auto = spec.resources.pack_size == "auto"
     pack_size = auto_pack_size(pending, parallel_slots(spec, cluster or {})) if auto else spec.resources.pack_size

@@ -344,8 +344,10 @@ def _run_config(spec: SweepSpec, store: SweepStore, name: str, callbacks: list):
 
 
 def _tune_config(spec: SweepSpec, store: SweepStore, packs: list[PackPlan]):
+    """One trial per pack of `packs` (a grid sweep, or an optuna sweep's damaged packs); without
+    packs, the spec's optuna search."""
     names = TrialNames(spec, packs)
-    if spec.search.mode != "optuna":
+    if packs or spec.search.mode != "optuna":
         return tune.TuneConfig(reuse_actors=True, trial_name_creator=names.name, trial_dirname_creator=names.dirname)
     import optuna
     from optuna.storages import JournalStorage
@@ -456,9 +458,11 @@ def resume_sweep(
         else:
             if ray_deferred:
                 connect()
+            damaged = _plan_unfinished(spec, store, cluster_resources()).packs
             runs = _tune_runs(store)
             restore = bool(runs) and tune.Tuner.can_restore(store.path(runs[-1]), storage_filesystem=store.fs)
             _fit(spec, store, runs[-1] if restore else _new_tune_run(store, spec), [], restore=restore, show_progress=show_progress)
+            _train_again(spec, store, damaged, show_progress)
     return store
 
 
@@ -474,9 +478,20 @@ def _train_unfinished(spec: SweepSpec, store: SweepStore, show_progress: bool, r
             planned = planner.submit(_plan_unfinished, spec, store, {"CPU": float(os.cpu_count() or 1)})  # what connect() starts
             connect()
         plan = planned.result()
-    if spec.search.mode == "grid" and not plan.packs:
+    if spec.search.mode == "grid":
+        if plan.packs:
+            _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
         return
-    _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
+    _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
+    _train_again(spec, store, plan.packs, show_progress)
+
+
+def _train_again(spec: SweepSpec, store: SweepStore, damaged: list[PackPlan], show_progress: bool) -> None:
+    """Train an optuna sweep's damaged packs again, one trial each, in a Tune experiment of their
+    own after the search's: the search's experiment stays the sweep's last until then, so a resume
+    interrupted before this point restores the search. The study keeps its first values."""
+    if damaged:
+        _fit(spec, store, _new_tune_run(store, spec), damaged, restore=False, show_progress=show_progress)
 
 
 def _plan_unfinished(spec: SweepSpec, store: SweepStore, cluster: dict[str, float]) -> SweepPlan:
@@ -532,7 +547,7 @@ def _fit(spec: SweepSpec, store: SweepStore, name: str, packs: list[PackPlan], *
         # Tune starts grid trials in this order: the costliest packs first, so that the last ones
         # to finish are short and no slot idles long at the end (longest processing time first).
         ordered = sorted(packs, key=pack_cost, reverse=True)
-        param_space = {"pack_id": tune.grid_search([p.pack_id for p in ordered])} if spec.search.mode == "grid" else {}
+        param_space = {"pack_id": tune.grid_search([p.pack_id for p in ordered])} if packs else {}
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=_tune_config(spec, store, packs),
                            run_config=_run_config(spec, store, name, callbacks))
     with _without_tune_loggers(), _tune_actor_runtime_env():

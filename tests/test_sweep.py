@@ -185,6 +185,44 @@ def test_optuna_mode_concentrates_trials_and_keeps_its_study(ray_address, tmp_pa
     assert {round(t.params["weight_decay"], 12) for t in finished} == {round(w, 12) for _, w, _ in members}
 
 
+def test_optuna_resume_trains_damaged_packs_again_without_new_trials(ray_address, tmp_path, job_file):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from nc_ray.integrity import check_sweep
+
+    spec_path = job_file(
+        "smoke", name="optuna_damage",
+        **{"grid.weight_decay": None, "grid.depth": [2], "training.epochs": 4, "metrics.every": 2,
+           "search": {"mode": "optuna", "num_samples": 2, "weight_decay": {"low": 1e-4, "high": 1e-1},
+                      "objective": {"metric": "tcv_rel", "layer": "penultimate", "target": 0.01}}},
+    )
+    run_sweep(spec_path, tmp_path, show_progress=False)
+    sweep = tmp_path / "optuna_damage"
+    store = SweepStore(str(sweep))
+    packs = [store.read_pack(pack_id) for pack_id in store.pack_ids()]
+    expected = {(m.member_id, e, layer) for p in packs for m in p.members for e in m.evaluation_epochs() for layer in (1, 2)}
+    assert len(packs) == 2 and set(table_keys(sweep, "metrics")) == expected
+    damaged = sorted((sweep / "tables" / "metrics").glob("*.parquet"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a torn file
+    assert check_sweep(store).damaged_packs == {damaged.name[:16]}
+
+    resume = nc_ray_cli("resume", str(sweep), "--address", ray_address)
+    out, _ = resume.communicate(timeout=300)
+    assert resume.returncode == 0, out
+    check = check_sweep(store)
+    assert not check.problems and set(check.statuses.values()) == {"complete"}
+    for table in ("metrics", "spectra"):
+        keys = table_keys(sweep, table)
+        assert len(keys) == len(set(keys)) and set(keys) == expected, table
+    assert any(path.name.startswith(damaged.stem) for path in (sweep / "quarantine").rglob("*"))
+    study = optuna.load_study(study_name="optuna_damage",
+                              storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal"))))
+    assert len(study.trials) == 2  # the search was not run again: only the damaged pack trained
+    assert json.loads((sweep / "sweep.json").read_text())["tune_runs"] == ["tune-000", "tune-001"]
+
+
 def test_trial_failing_past_max_failures_is_reported_then_resumed(ray_address, tmp_path, job_file):
     spec_path = job_file("smoke", name="failkill", **LONG, **{"resources.max_failures": 0})
     sweep = tmp_path / "failkill"
