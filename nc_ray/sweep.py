@@ -345,17 +345,13 @@ def _run_config(spec: SweepSpec, store: SweepStore, name: str, callbacks: list):
 
 def _tune_config(spec: SweepSpec, store: SweepStore, packs: list[PackPlan]):
     """One trial per pack of `packs` (a grid sweep, or an optuna sweep's damaged packs); without
-    packs, the spec's optuna search."""
+    packs, the spec's optuna search, for the trials its study has still to finish (`_study_trials`)."""
     names = TrialNames(spec, packs)
     if packs or spec.search.mode != "optuna":
         return tune.TuneConfig(reuse_actors=True, trial_name_creator=names.name, trial_dirname_creator=names.dirname)
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
     from ray.tune.search.optuna import OptunaSearch
 
-    if not store.is_local:
-        raise ValueError(f"{store.uri}: optuna mode keeps its study in a journal file and needs local (or mounted) storage")
     search = spec.search
     space = {
         "depth": optuna.distributions.CategoricalDistribution(spec.resolved()["grid"].get("depth", [spec.model.depth])),
@@ -363,12 +359,36 @@ def _tune_config(spec: SweepSpec, store: SweepStore, packs: list[PackPlan]):
     }
     if search.lr is not None:
         space["lr"] = optuna.distributions.FloatDistribution(search.lr.low, search.lr.high, log=True)
-    storage = JournalStorage(JournalFileBackend(os.path.join(store.root, "optuna.journal")))
-    searcher = OptunaSearch(space=space, metric="objective", mode="min", storage=storage, study_name=spec.name, seed=0)
+    storage = _study_storage(store)
+    started, finished = _study_trials(spec, store)
+    # Seeded by the trials the study holds: a search that extends a study does not draw its first
+    # points again (TPE samples its first trials at random from the seed).
+    searcher = OptunaSearch(space=space, metric="objective", mode="min", storage=storage, study_name=spec.name, seed=started)
     return tune.TuneConfig(
-        search_alg=searcher, num_samples=search.num_samples, reuse_actors=True,
+        search_alg=searcher, num_samples=search.num_samples - finished, reuse_actors=True,
         trial_name_creator=names.name, trial_dirname_creator=names.dirname,
     )
+
+
+def _study_storage(store: SweepStore):
+    """The journal file that keeps an optuna sweep's study, in the sweep directory."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not store.is_local:
+        raise ValueError(f"{store.uri}: optuna mode keeps its study in a journal file and needs local (or mounted) storage")
+    return JournalStorage(JournalFileBackend(os.path.join(store.root, "optuna.journal")))
+
+
+def _study_trials(spec: SweepSpec, store: SweepStore) -> tuple[int, int]:
+    """(trials, complete trials) of the sweep's optuna study; (0, 0) before its first search."""
+    import optuna
+
+    storage = _study_storage(store)
+    if spec.name not in optuna.get_all_study_names(storage):
+        return 0, 0
+    trials = optuna.load_study(study_name=spec.name, storage=storage).get_trials(deepcopy=False)
+    return len(trials), sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
 
 
 def _tune_runs(store: SweepStore) -> list[str]:
@@ -461,7 +481,10 @@ def resume_sweep(
             damaged = _plan_unfinished(spec, store, cluster_resources()).packs
             runs = _tune_runs(store)
             restore = bool(runs) and tune.Tuner.can_restore(store.path(runs[-1]), storage_filesystem=store.fs)
-            _fit(spec, store, runs[-1] if restore else _new_tune_run(store, spec), [], restore=restore, show_progress=show_progress)
+            if restore:
+                _fit(spec, store, runs[-1], [], restore=True, show_progress=show_progress)
+            elif _study_trials(spec, store)[1] < spec.search.num_samples:
+                _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
             _train_again(spec, store, damaged, show_progress)
     return store
 
@@ -482,7 +505,8 @@ def _train_unfinished(spec: SweepSpec, store: SweepStore, show_progress: bool, r
         if plan.packs:
             _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
         return
-    _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
+    if _study_trials(spec, store)[1] < spec.search.num_samples:
+        _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
     _train_again(spec, store, plan.packs, show_progress)
 
 

@@ -185,6 +185,11 @@ def test_optuna_mode_concentrates_trials_and_keeps_its_study(ray_address, tmp_pa
     assert {round(t.params["weight_decay"], 12) for t in finished} == {round(w, 12) for _, w, _ in members}
 
 
+SEARCH = {"grid.weight_decay": None, "grid.depth": [2], "training.epochs": 4, "metrics.every": 2,
+          "search": {"mode": "optuna", "num_samples": 2, "weight_decay": {"low": 1e-4, "high": 1e-1},
+                     "objective": {"metric": "tcv_rel", "layer": "penultimate", "target": 0.01}}}
+
+
 def test_optuna_resume_trains_damaged_packs_again_without_new_trials(ray_address, tmp_path, job_file):
     import optuna
     from optuna.storages import JournalStorage
@@ -192,12 +197,7 @@ def test_optuna_resume_trains_damaged_packs_again_without_new_trials(ray_address
 
     from nc_ray.integrity import check_sweep
 
-    spec_path = job_file(
-        "smoke", name="optuna_damage",
-        **{"grid.weight_decay": None, "grid.depth": [2], "training.epochs": 4, "metrics.every": 2,
-           "search": {"mode": "optuna", "num_samples": 2, "weight_decay": {"low": 1e-4, "high": 1e-1},
-                      "objective": {"metric": "tcv_rel", "layer": "penultimate", "target": 0.01}}},
-    )
+    spec_path = job_file("smoke", name="optuna_damage", **SEARCH)
     run_sweep(spec_path, tmp_path, show_progress=False)
     sweep = tmp_path / "optuna_damage"
     store = SweepStore(str(sweep))
@@ -221,6 +221,22 @@ def test_optuna_resume_trains_damaged_packs_again_without_new_trials(ray_address
                               storage=JournalStorage(JournalFileBackend(str(sweep / "optuna.journal"))))
     assert len(study.trials) == 2  # the search was not run again: only the damaged pack trained
     assert json.loads((sweep / "sweep.json").read_text())["tune_runs"] == ["tune-000", "tune-001"]
+
+    # `sweep` run again: the study has its trials, so no search; the damaged pack trains again.
+    damaged.write_bytes(b"not parquet")
+    run_sweep(spec_path, tmp_path, show_progress=False)
+    check = check_sweep(store)
+    assert not check.problems and set(check.statuses.values()) == {"complete"} and len(check.statuses) == 4
+    assert len(study.trials) == 2 and len(store.pack_ids()) == 2
+    assert json.loads((sweep / "sweep.json").read_text())["tune_runs"] == ["tune-000", "tune-001", "tune-002"]
+
+    # More trials asked for: the search runs the missing ones, at new points.
+    more = job_file("smoke", name="optuna_damage", **{**SEARCH, "search": {**SEARCH["search"], "num_samples": 4}})
+    run_sweep(more, tmp_path, show_progress=False)
+    check = check_sweep(store)
+    assert not check.problems and set(check.statuses.values()) == {"complete"} and len(check.statuses) == 8
+    assert len(study.trials) == 4 and len(store.pack_ids()) == 4
+    assert len({round(t.params["weight_decay"], 12) for t in study.trials}) == 4
 
 
 def test_trial_failing_past_max_failures_is_reported_then_resumed(ray_address, tmp_path, job_file):
