@@ -63,16 +63,20 @@ def _sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)  # validated before Ray starts or anything is written
     timings.mark("spec_loaded")
     if args.dry_run:
-        from nc_ray.planning import pack_summary, plan_sweep, sweep_store
+        from nc_ray.planning import pack_summary, plan_sweep, study_trials, sweep_store
 
         plan = plan_sweep(spec, sweep_store(args.storage, spec.name))
         print(f"sweep {spec.name} -> {plan.store.uri}")
         if spec.search.mode == "optuna":
             grid = spec.resolved()["grid"]
+            complete = study_trials(spec, plan.store)[1]
             print(
                 f"optuna search: {spec.search.num_samples} trials, each a pack of the {len(grid.get('seed', [0]))} seeds at a sampled "
-                f"depth in {grid.get('depth', [spec.model.depth])} and weight_decay in [{spec.search.weight_decay.low:g}, {spec.search.weight_decay.high:g}]"
+                f"depth in {grid.get('depth', [spec.model.depth])} and weight_decay in [{spec.search.weight_decay.low:g}, {spec.search.weight_decay.high:g}]; "
+                f"{complete} complete in the sweep's study, {max(0, spec.search.num_samples - complete)} to run"
             )
+            if plan.packs:
+                print(f"damaged packs to train again: {len(plan.packs)}")
             return 0
         chosen = f"auto: for this machine's {os.cpu_count()} CPUs" if plan.pack_size_auto else "set in the spec"
         print(f"{plan.n_members} members, {plan.n_finished} already finished, {len(plan.packs)} packs of <= {plan.pack_size} (pack size {chosen})")

@@ -173,6 +173,30 @@ def plan_sweep(spec: SweepSpec, store: SweepStore, cluster: dict[str, float] | N
     return SweepPlan(spec, store, packs, len(members), len(members) - len(pending), pack_size, auto, check)
 
 
+def study_storage(store: SweepStore):
+    """The journal file that keeps an optuna sweep's study, in the sweep directory."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not store.is_local:
+        raise ValueError(f"{store.uri}: optuna mode keeps its study in a journal file and needs local (or mounted) storage")
+    return JournalStorage(JournalFileBackend(os.path.join(store.root, "optuna.journal")))
+
+
+def study_trials(spec: SweepSpec, store: SweepStore) -> tuple[int, int]:
+    """(trials, complete trials) of the sweep's optuna study; (0, 0) before its first search (no
+    journal file yet: none is created here)."""
+    if not store.exists("optuna.journal"):
+        return 0, 0
+    import optuna
+
+    storage = study_storage(store)
+    if spec.name not in optuna.get_all_study_names(storage):
+        return 0, 0
+    trials = optuna.load_study(study_name=spec.name, storage=storage).get_trials(deepcopy=False)
+    return len(trials), sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+
+
 def objective_value(metric_rows: list[dict], objective: dict) -> float:
     """An optuna trial's score: |log10(median over members of the chosen layer metric) − log10(target)|
     (per member, the median over the chosen layers); inf if no value is finite and positive."""

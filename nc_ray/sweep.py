@@ -35,7 +35,9 @@ from nc_ray._version import __version__
 from nc_ray.config import PackPlan
 from nc_ray.integrity import SweepCheck
 from nc_ray.limits import RESOURCES_WAIT_S, LimitError, check_pack_memory, check_this_machine, missing_resources, reachable_address
-from nc_ray.planning import FINISHED, SweepPlan, objective_value, pack_cost, pack_summary, plan_sweep, sweep_store
+from nc_ray.planning import (
+    FINISHED, SweepPlan, objective_value, pack_cost, pack_summary, plan_sweep, study_storage, study_trials, sweep_store,
+)
 from nc_ray.spec import SweepSpec, parse_spec, read_spec_file
 from nc_ray.store import SweepLock, SweepStore
 
@@ -345,7 +347,7 @@ def _run_config(spec: SweepSpec, store: SweepStore, name: str, callbacks: list):
 
 def _tune_config(spec: SweepSpec, store: SweepStore, packs: list[PackPlan]):
     """One trial per pack of `packs` (a grid sweep, or an optuna sweep's damaged packs); without
-    packs, the spec's optuna search, for the trials its study has still to finish (`_study_trials`)."""
+    packs, the spec's optuna search, for the trials its study has still to finish (`nc_ray.planning.study_trials`)."""
     names = TrialNames(spec, packs)
     if packs or spec.search.mode != "optuna":
         return tune.TuneConfig(reuse_actors=True, trial_name_creator=names.name, trial_dirname_creator=names.dirname)
@@ -359,8 +361,8 @@ def _tune_config(spec: SweepSpec, store: SweepStore, packs: list[PackPlan]):
     }
     if search.lr is not None:
         space["lr"] = optuna.distributions.FloatDistribution(search.lr.low, search.lr.high, log=True)
-    storage = _study_storage(store)
-    started, finished = _study_trials(spec, store)
+    storage = study_storage(store)
+    started, finished = study_trials(spec, store)
     # Seeded by the trials the study holds: a search that extends a study does not draw its first
     # points again (TPE samples its first trials at random from the seed).
     searcher = OptunaSearch(space=space, metric="objective", mode="min", storage=storage, study_name=spec.name, seed=started)
@@ -368,27 +370,6 @@ def _tune_config(spec: SweepSpec, store: SweepStore, packs: list[PackPlan]):
         search_alg=searcher, num_samples=search.num_samples - finished, reuse_actors=True,
         trial_name_creator=names.name, trial_dirname_creator=names.dirname,
     )
-
-
-def _study_storage(store: SweepStore):
-    """The journal file that keeps an optuna sweep's study, in the sweep directory."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if not store.is_local:
-        raise ValueError(f"{store.uri}: optuna mode keeps its study in a journal file and needs local (or mounted) storage")
-    return JournalStorage(JournalFileBackend(os.path.join(store.root, "optuna.journal")))
-
-
-def _study_trials(spec: SweepSpec, store: SweepStore) -> tuple[int, int]:
-    """(trials, complete trials) of the sweep's optuna study; (0, 0) before its first search."""
-    import optuna
-
-    storage = _study_storage(store)
-    if spec.name not in optuna.get_all_study_names(storage):
-        return 0, 0
-    trials = optuna.load_study(study_name=spec.name, storage=storage).get_trials(deepcopy=False)
-    return len(trials), sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
 
 
 def _tune_runs(store: SweepStore) -> list[str]:
@@ -483,7 +464,7 @@ def resume_sweep(
             restore = bool(runs) and tune.Tuner.can_restore(store.path(runs[-1]), storage_filesystem=store.fs)
             if restore:
                 _fit(spec, store, runs[-1], [], restore=True, show_progress=show_progress)
-            elif _study_trials(spec, store)[1] < spec.search.num_samples:
+            elif study_trials(spec, store)[1] < spec.search.num_samples:
                 _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
             _train_again(spec, store, damaged, show_progress)
     return store
@@ -505,7 +486,7 @@ def _train_unfinished(spec: SweepSpec, store: SweepStore, show_progress: bool, r
         if plan.packs:
             _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
         return
-    if _study_trials(spec, store)[1] < spec.search.num_samples:
+    if study_trials(spec, store)[1] < spec.search.num_samples:
         _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
     _train_again(spec, store, plan.packs, show_progress)
 

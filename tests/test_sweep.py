@@ -207,6 +207,9 @@ def test_optuna_resume_trains_damaged_packs_again_without_new_trials(ray_address
     damaged = sorted((sweep / "tables" / "metrics").glob("*.parquet"))[0]
     damaged.write_bytes(damaged.read_bytes()[:100])  # a torn file
     assert check_sweep(store).damaged_packs == {damaged.name[:16]}
+    dry = nc_ray_cli("sweep", str(spec_path), "--storage", str(tmp_path), "--dry-run")
+    out, _ = dry.communicate(timeout=120)
+    assert dry.returncode == 0 and "2 complete in the sweep's study, 0 to run" in out and "damaged packs to train again: 1" in out, out
 
     resume = nc_ray_cli("resume", str(sweep), "--address", ray_address)
     out, _ = resume.communicate(timeout=300)
