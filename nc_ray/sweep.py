@@ -445,7 +445,8 @@ def resume_sweep(
     A grid sweep starts a new Tune experiment over its unfinished packs, which continue from
     their saved training state: nothing of Tune's own state is needed, so a driver killed at any
     point (even while Tune wrote its experiment state) can be resumed. An optuna sweep restores
-    its latest experiment, whose searcher holds the study's pending trials.
+    its latest experiment, whose searcher holds the study's pending trials, then trains its
+    damaged packs again (`_search`).
     """
     store = SweepStore(os.fspath(sweep), filesystem)
     if not store.exists("resolved_spec.json"):
@@ -462,11 +463,7 @@ def resume_sweep(
             damaged = _plan_unfinished(spec, store, cluster_resources()).packs
             runs = _tune_runs(store)
             restore = bool(runs) and tune.Tuner.can_restore(store.path(runs[-1]), storage_filesystem=store.fs)
-            if restore:
-                _fit(spec, store, runs[-1], [], restore=True, show_progress=show_progress)
-            elif study_trials(spec, store)[1] < spec.search.num_samples:
-                _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
-            _train_again(spec, store, damaged, show_progress)
+            _search(spec, store, damaged, show_progress, restore=restore)
     return store
 
 
@@ -486,15 +483,19 @@ def _train_unfinished(spec: SweepSpec, store: SweepStore, show_progress: bool, r
         if plan.packs:
             _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
         return
-    if study_trials(spec, store)[1] < spec.search.num_samples:
+    _search(spec, store, plan.packs, show_progress, restore=False)
+
+
+def _search(spec: SweepSpec, store: SweepStore, damaged: list[PackPlan], show_progress: bool, *, restore: bool) -> None:
+    """An optuna sweep's search, then its `damaged` packs. With `restore`, the sweep's last Tune
+    experiment continues (its searcher holds the study's pending trials); otherwise a new one runs
+    while the study has fewer than num_samples complete trials. The damaged packs then train again,
+    one trial each, in an experiment of their own: the search's stays the sweep's last until then,
+    so a resume interrupted before restores the search. The study keeps its trials' first values."""
+    if restore:
+        _fit(spec, store, _tune_runs(store)[-1], [], restore=True, show_progress=show_progress)
+    elif study_trials(spec, store)[1] < spec.search.num_samples:
         _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
-    _train_again(spec, store, plan.packs, show_progress)
-
-
-def _train_again(spec: SweepSpec, store: SweepStore, damaged: list[PackPlan], show_progress: bool) -> None:
-    """Train an optuna sweep's damaged packs again, one trial each, in a Tune experiment of their
-    own after the search's: the search's experiment stays the sweep's last until then, so a resume
-    interrupted before this point restores the search. The study keeps its first values."""
     if damaged:
         _fit(spec, store, _new_tune_run(store, spec), damaged, restore=False, show_progress=show_progress)
 
