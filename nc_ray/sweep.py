@@ -127,29 +127,22 @@ def check_cluster(spec: SweepSpec, source: str, *, joined: bool) -> None:
         check_pack_memory(spec, source, int(memory), "the largest node that fits a trial")
 
 
-def _start_ray(spec: SweepSpec, source: str, address: str | None) -> None:
-    """`connect`, then `check_cluster`; an embedded Ray starts only once this machine can run a
-    trial of the spec (`check_this_machine`)."""
-    if _starts_embedded(address):
-        check_this_machine(spec, source)
-    check_cluster(spec, source, joined=connect(address))
-
-
 def _starts_embedded(address: str | None) -> bool:
     """Whether `connect(address)` starts an embedded Ray."""
     return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def _ray_deferred(spec: SweepSpec, source: str, address: str | None) -> bool:
-    """Start (or join) Ray and check it (`_start_ray`) before the sweep's lock is taken or anything
-    is written, so that a LimitError comes first, and return False; except for an embedded Ray
-    that no check can refuse once it runs (this machine is checked here, and the spec asks for no
-    GPU, whose count only Ray finds): return True, and `_plan_unfinished` starts it while the
-    packs are planned, which saves seconds of the start-up."""
-    if _starts_embedded(address) and spec.resources.gpu == 0:
+    """Join Ray (or use the one running) and check its nodes (`check_cluster`) before the sweep's
+    lock is taken or anything is written, so that a LimitError comes first, and return False;
+    for an embedded Ray, check this machine instead (`check_this_machine`: its CPUs, GPUs and
+    memory, what the embedded Ray's one node will have) and return True: no check can refuse
+    that Ray once it runs, so `_train_unfinished` starts it while the packs are planned, which
+    saves seconds of the start-up."""
+    if _starts_embedded(address):
         check_this_machine(spec, source)
         return True
-    _start_ray(spec, source, address)
+    check_cluster(spec, source, joined=connect(address))
     return False
 
 
