@@ -9,7 +9,7 @@ A member whose loss or weights stop being finite is frozen and flagged as diverg
 that `stop`s (its stop rule met at an evaluation) is frozen too. The others go on.
 
 How it is made fast (bench/bench_pack.py measures it), the numbers staying those of torch's SGD:
-- the gradient is the backward of `forward_layers` written out (`pack_backward`), not autograd's:
+- the gradient is the backward of `forward_layers` written out (`backward_deltas`), not autograd's:
   on CPU autograd's graph, its log-softmax and its strided activation backward cost about as
   much as the matrix products themselves;
 - only the active members train: each epoch copies their parameters and momenta out of the pack
@@ -21,7 +21,7 @@ How it is made fast (bench/bench_pack.py measures it), the numbers staying those
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,38 +88,26 @@ def batch_loss_and_output_gradient(output: torch.Tensor, y: torch.Tensor, loss: 
     return per_sample.mean(-1), (residual_t / output.shape[1]).transpose(1, 2)
 
 
-def pack_backward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor] | None,
-    *,
-    arch: str,
-    activation: str,
-    loss: str,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Each member's mean loss on its batch (x: (G, B, in), y: (G, B)) and, per layer, the two
-    factors of its gradient: the layer inputs Z_{l-1} (G, B, in) and D_l = ∂loss/∂h_l (G, B, out),
-    so that ∂loss/∂W_l = D_lᵀ Z_{l-1} and ∂loss/∂b_l = Σ_rows D_l, member by member. No autograd.
+def backward_deltas(
+    output_gradient: torch.Tensor, weights: Sequence[torch.Tensor], pre_activations: Sequence[torch.Tensor], *, arch: str, activation: str,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(l, D_l), D_l = ∂loss/∂h_l (G, B, out_l), for l = L−1 down to 0 (0-based), from D_L = ∂loss/∂f:
+    the backward of `forward_layers`, no autograd. ∂/∂Z_{l-1} = D_l W_l, plus ∂/∂Z_l when layer l is
+    a residual block (Z_l = Z_{l-1} + act(h_l)); then D_{l-1} = act'(h_{l-1}) ⊙ ∂/∂Z_{l-1}.
 
-    The backward of `forward_layers`: D_L from the loss in closed form; ∂/∂Z_{l-1} = D_l W_l,
-    plus ∂/∂Z_l when layer l is a residual block (Z_l = Z_{l-1} + act(h_l)); then
-    D_{l-1} = act'(h_{l-1}) ⊙ ∂/∂Z_{l-1}. The input Z_0 needs no gradient.
-    """
-    with torch.no_grad():
-        output, inputs, pre_activations = forward_layers(x, weights, biases, arch, activation)
-        losses, delta = batch_loss_and_output_gradient(output, y, loss)
-        activation_backward = _ACTIVATION_BACKWARD[activation]
-        depth = len(weights)
-        deltas = [delta]
-        grad_skip = None  # ∂/∂(output of the block above), carried down its skip connection
-        for layer in range(depth - 1, 0, -1):  # 0-based: weights[layer] is W_{layer+1}
-            residual_block = arch == "resmlp" and layer < depth - 1
-            grad_z = torch.baddbmm(grad_skip, delta, weights[layer]) if residual_block else torch.bmm(delta, weights[layer])
-            delta = activation_backward(grad_z, pre_activations[layer - 1])
-            deltas.insert(0, delta)
-            grad_skip = grad_z
-    return losses, inputs, deltas
+    Each D_l is yielded after W_l has served the backward, so the consumer may update W_l in
+    place right away, while D_l and the layer's input are still in cache."""
+    activation_backward = _ACTIVATION_BACKWARD[activation]
+    depth = len(weights)
+    delta = output_gradient
+    grad_skip = None  # ∂/∂(output of the block above), carried down its skip connection
+    for layer in range(depth - 1, 0, -1):  # 0-based: weights[layer] is W_{layer+1}
+        residual_block = arch == "resmlp" and layer < depth - 1
+        grad_z = torch.baddbmm(grad_skip, delta, weights[layer]) if residual_block else torch.bmm(delta, weights[layer])
+        yield layer, delta
+        delta = activation_backward(grad_z, pre_activations[layer - 1])
+        grad_skip = grad_z
+    yield 0, delta
 
 
 @dataclass
@@ -251,31 +239,33 @@ class PackTrainer:
 
     def _step(self, group: WorkingPack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One SGD step of a `group` of the working pack on its batch (x, y), in place; its batch
-        losses. A member whose loss is not finite keeps its parameters and momenta as they were."""
+        losses. A member whose loss is not finite keeps its parameters and momenta as they were.
+
+        torch.optim.SGD's step for each member, layer by layer as the backward reaches it:
+        buf = m·buf + ∇ℓ + λW (λ on weights only), p −= lr·buf. The weight gradient D_lᵀ Z_{l-1}
+        goes straight into the momentum with one baddbmm (beta = m; beta = 0 ignores the buffer,
+        as SGD without momentum)."""
         spec = self.model.spec
-        weights, biases = group.parameters[: spec.depth], group.parameters[spec.depth :] or None
-        losses, inputs, deltas = pack_backward(x, y, weights, biases, arch=spec.arch, activation=spec.activation, loss=self.loss)
+        depth = spec.depth
+        weights, biases = group.parameters[:depth], group.parameters[depth:] or None
+        output, inputs, pre_activations = forward_layers(x, weights, biases, spec.arch, spec.activation)
+        losses, output_gradient = batch_loss_and_output_gradient(output, y, self.loss)
         failed = ~torch.isfinite(losses)
         state = [*group.parameters, *group.momenta]
         kept = [t[failed] for t in state] if bool(failed.any()) else []
-        self._sgd_update(group, inputs, deltas)
+        rates, decays = group.learning_rates, group.weight_decays
+        for layer, delta in backward_deltas(output_gradient, weights, pre_activations, arch=spec.arch, activation=spec.activation):
+            weight, momentum = weights[layer], group.momenta[layer]
+            momentum.baddbmm_(delta.transpose(1, 2), inputs[layer], beta=self.momentum)
+            momentum.addcmul_(weight, decays)
+            weight.addcmul_(momentum, rates, value=-1)
+            if biases is not None:
+                bias, bias_momentum = biases[layer], group.momenta[depth + layer]
+                bias_momentum.mul_(self.momentum).add_(delta.sum(1))
+                bias.addcmul_(bias_momentum, rates.view(-1, 1), value=-1)
         for tensor, saved in zip(state, kept):
             tensor[failed] = saved
         return losses
-
-    def _sgd_update(self, group: WorkingPack, inputs: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
-        """torch.optim.SGD's step for each member of `group`, in place: buf = m·buf + ∇ℓ + λW (λ on
-        weights only), p −= lr·buf. The weight gradient D_lᵀ Z_{l-1} goes straight into the momentum
-        with one baddbmm (beta = m; beta = 0 ignores the buffer, as SGD without momentum)."""
-        depth = self.model.spec.depth
-        rates, decays = group.learning_rates, group.weight_decays
-        for weight, momentum, layer_input, delta in zip(group.parameters[:depth], group.momenta[:depth], inputs, deltas):
-            momentum.baddbmm_(delta.transpose(1, 2), layer_input, beta=self.momentum)
-            momentum.addcmul_(weight, decays)
-            weight.addcmul_(momentum, rates, value=-1)
-        for bias, momentum, delta in zip(group.parameters[depth:], group.momenta[depth:], deltas):
-            momentum.mul_(self.momentum).add_(delta.sum(1))
-            bias.addcmul_(momentum, rates.view(-1, 1), value=-1)
 
     def _freeze(self, failed: torch.Tensor) -> None:
         newly = failed & self.active

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nc_ray.config import MemberConfig
-from nc_ray.models import Architecture, PackedNetwork, build_model, data_order_generator
-from nc_ray.train import PackTrainer, pack_backward, per_sample_loss
+from nc_ray.models import Architecture, PackedNetwork, build_model, data_order_generator, forward_layers
+from nc_ray.train import PackTrainer, backward_deltas, batch_loss_and_output_gradient, per_sample_loss
 
 
 def clusters(n_classes=4, dim=12, per_class=30, seed=0, dtype=torch.float32):
@@ -104,7 +104,13 @@ def test_hand_written_backward_matches_autograd(arch, activation, bias, loss, de
     expected_losses = per_sample_loss(pack(xb), yb, loss).mean(1)
     expected = torch.autograd.grad(expected_losses.sum(), list(pack.parameters()))
 
-    losses, inputs, deltas = pack_backward(xb, yb, pack.weight_matrices(), pack.bias_vectors(), arch=arch, activation=activation, loss=loss)
+    weights = pack.weight_matrices()
+    with torch.no_grad():
+        output, inputs, pre_activations = forward_layers(xb, weights, pack.bias_vectors(), arch, activation)
+        losses, output_gradient = batch_loss_and_output_gradient(output, yb, loss)
+        layers_and_deltas = list(backward_deltas(output_gradient, weights, pre_activations, arch=arch, activation=activation))
+    assert [layer for layer, _ in layers_and_deltas] == list(range(depth - 1, -1, -1))
+    deltas = [delta for _, delta in layers_and_deltas][::-1]
     gradients = [d.transpose(1, 2) @ z for d, z in zip(deltas, inputs)] + ([d.sum(1) for d in deltas] if bias else [])
     torch.testing.assert_close(losses, expected_losses, rtol=1e-12, atol=1e-12)
     for gradient, reference in zip(gradients, expected, strict=True):
