@@ -8,6 +8,8 @@ rewrites, under the same names, exactly the files a crashed attempt may have lef
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import functools
 import io
@@ -33,6 +35,9 @@ from nc_ray.models import Architecture, Network, PackedNetwork, build_model
 from nc_ray.schema import KEY_CONFIG
 from nc_ray.store import SweepStore
 from nc_ray.train import PackTrainer, default_device
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 # (run state to save, small summary for the scheduler, the metric rows just published)
 CheckpointCallback = Callable[[dict[str, Any], dict[str, float], list[dict]], None]
@@ -118,10 +123,28 @@ def meets_stop_rule(config: MemberConfig, stationarity: np.ndarray) -> bool:
     return defined.size == 0 or float(defined.max()) <= config.stop_stationarity
 
 
+@functools.cache
+def keep_freed_memory() -> None:
+    """Have this process's malloc (glibc's; elsewhere nothing changes) keep the memory it frees
+    instead of handing it back to the OS.
+
+    A pack allocates and frees tensors of the same few sizes at every step and evaluation. By
+    default glibc unmaps or trims the freed ones, and the next allocation faults every page in
+    again: 5-8% of a pack's time with two packs training side by side (BENCHMARKS.md). A worker
+    process's footprint stays its largest pack's."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    for parameter in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD):
+        mallopt(parameter, 1 << 30)
+
+
 class PackRun:
     """The state of one pack's run; `run()` drives it to the end."""
 
     def __init__(self, pack: PackPlan, store: SweepStore, device: torch.device | str | None = None):
+        keep_freed_memory()
         self.pack = pack
         self.store = store
         self.configs = pack.members
