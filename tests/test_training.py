@@ -1,9 +1,5 @@
 """Packing is a contract: a pack trains to the same weights as its members trained alone."""
 
-import resource
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -286,30 +282,3 @@ def test_bad_pack_arguments_are_named():
         PackTrainer(PackedNetwork(spec, [0]), x, y, learning_rates=[0.1], weight_decays=[0], seeds=[0], loss="hinge", batch_size=2)
     with pytest.raises(ValueError, match="depth=1"):
         Architecture("mlp", 4, 8, 1, 2)
-
-
-_FAULTS_SCRIPT = """
-import resource, sys, torch
-from nc_ray.trial import keep_freed_memory
-if sys.argv[1] == "keep":
-    keep_freed_memory()
-torch.ones(2**23)  # 32 MiB, allocated and freed
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    torch.ones(2**23)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_a_pack_run_process_keeps_freed_memory_instead_of_faulting_it_in_again():
-    """keep_freed_memory (every PackRun calls it): a tensor allocated again after one of its size
-    was freed reuses the process's pages, where by default glibc unmaps the freed one and every
-    page of the next is faulted in again."""
-    faults = {
-        mode: int(subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True).stdout)
-        for mode in ("default", "keep")
-    }
-    pages = 5 * 2**25 // resource.getpagesize()
-    if faults["default"] < pages / 2:
-        pytest.skip(f"this process's malloc keeps freed memory by default ({faults['default']} faults for {pages} pages)")
-    assert faults["keep"] < pages / 20, faults
