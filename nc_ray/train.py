@@ -11,7 +11,8 @@ that `stop`s (its stop rule met at an evaluation) is frozen too. The others go o
 How it is made fast (bench/bench_pack.py measures it), the numbers staying those of torch's SGD:
 - the gradient is the backward of `forward_layers` written out (`backward_deltas`), not autograd's:
   on CPU autograd's graph, its log-softmax and its strided activation backward cost about as
-  much as the matrix products themselves;
+  much as the matrix products themselves; each layer is updated as soon as the backward has
+  used its weights, while its delta and input are still in cache;
 - only the active members train: each epoch copies their parameters and momenta out of the pack
   into a working pack and writes them back at its end, so frozen members cost nothing (their
   momenta stay as they were when they froze; nothing reads them);
