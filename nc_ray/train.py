@@ -191,6 +191,7 @@ class PackTrainer:
             group_size = max(1, budget // (self.batch_size * widest * dtype.itemsize))
         self.group_size = group_size or size
 
+    @torch.no_grad()  # the gradient is written out (backward_deltas); parameters change in place
     def train_epoch(self) -> None:
         """One pass over the data in each member's own order, at each member's lr of this epoch.
 
