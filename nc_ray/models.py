@@ -26,6 +26,12 @@ ACTIVATIONS = {
     "leaky_relu": F.leaky_relu,
     "tanh": torch.tanh,
 }
+# The same functions computed in the storage of their argument (forward_layers(in_place=True)).
+_ACTIVATIONS_IN_PLACE = {
+    "relu": torch.relu_,
+    "leaky_relu": F.leaky_relu_,
+    "tanh": torch.tanh_,
+}
 # He-style gains: keep the forward signal's scale constant through the nonlinearity.
 _GAINS = {"relu": math.sqrt(2.0), "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)), "tanh": 5.0 / 3.0}
 
@@ -116,13 +122,19 @@ def forward_layers(
     biases: Sequence[torch.Tensor] | None,
     arch: str,
     activation: str,
+    *,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Run the network; return (output, layer inputs [Z_0 .. Z_{L-1}], pre-activations [h_1 .. h_L]).
 
     `x` is (B, in) shared by all members, or (G, B, in) per member; weights are (out, in) for one
     member or (G, out, in) for a pack.
+
+    With `in_place` (no autograd), each hidden layer's activation is computed in the storage of
+    its pre-activation, and the third list holds act(h_1) .. act(h_{L-1}), then h_L: one tensor
+    less per layer, what `nc_ray.train.backward_deltas` takes.
     """
-    act = ACTIVATIONS[activation]
+    act = (_ACTIVATIONS_IN_PLACE if in_place else ACTIVATIONS)[activation]
     depth = len(weights)
     inputs: list[torch.Tensor] = []
     pre_activations: list[torch.Tensor] = []

@@ -12,7 +12,8 @@ How it is made fast (bench/bench_pack.py measures it), the numbers staying those
 - the gradient is the backward of `forward_layers` written out (`backward_deltas`), not autograd's:
   on CPU autograd's graph, its log-softmax and its strided activation backward cost about as
   much as the matrix products themselves; each layer is updated as soon as the backward has
-  used its weights, while its delta and input are still in cache;
+  used its weights, while its delta and input are still in cache, and activations are computed
+  in place, one tensor less per layer;
 - only the active members train: each epoch copies their parameters and momenta out of the pack
   into a working pack and writes them back at its end, so frozen members cost nothing (their
   momenta stay as they were when they froze; nothing reads them);
@@ -40,12 +41,14 @@ LrFactor = Callable[[int], float]
 # shapes with one thread, about flat from 128 to 512 KiB.
 CPU_GROUP_BYTES_PER_THREAD = 256 * 1024
 
-# grad ⊙ act'(h) for the activations of models.ACTIVATIONS, with the kernels autograd itself uses
-# (leaky_relu at F.leaky_relu's default slope); a bool mask of h > 0 is several times slower on CPU.
+# grad ⊙ act'(h) for the activations of models.ACTIVATIONS, from the activation's output a = act(h)
+# (what the in-place forward keeps), with the kernels autograd itself uses: a > 0 exactly where
+# h > 0 for relu and leaky_relu (at F.leaky_relu's default slope), and tanh' = 1 − a². A bool mask
+# of a > 0 is several times slower on CPU.
 _ACTIVATION_BACKWARD: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "relu": lambda grad, h: torch.ops.aten.threshold_backward(grad, h, 0),
-    "leaky_relu": lambda grad, h: torch.ops.aten.leaky_relu_backward(grad, h, 0.01, False),
-    "tanh": lambda grad, h: torch.ops.aten.tanh_backward(grad, torch.tanh(h)),
+    "relu": lambda grad, a: torch.ops.aten.threshold_backward(grad, a, 0),
+    "leaky_relu": lambda grad, a: torch.ops.aten.leaky_relu_backward(grad, a, 0.01, False),
+    "tanh": lambda grad, a: torch.ops.aten.tanh_backward(grad, a),
 }
 
 
@@ -90,9 +93,10 @@ def batch_loss_and_output_gradient(output: torch.Tensor, y: torch.Tensor, loss: 
 
 
 def backward_deltas(
-    output_gradient: torch.Tensor, weights: Sequence[torch.Tensor], pre_activations: Sequence[torch.Tensor], *, arch: str, activation: str,
+    output_gradient: torch.Tensor, weights: Sequence[torch.Tensor], activations: Sequence[torch.Tensor], *, arch: str, activation: str,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(l, D_l), D_l = ∂loss/∂h_l (G, B, out_l), for l = L−1 down to 0 (0-based), from D_L = ∂loss/∂f:
+    """(l, D_l), D_l = ∂loss/∂h_l (G, B, out_l), for l = L−1 down to 0 (0-based), from D_L = ∂loss/∂f
+    and the third list of `forward_layers(..., in_place=True)` (act(h_l) of the hidden layers):
     the backward of `forward_layers`, no autograd. ∂/∂Z_{l-1} = D_l W_l, plus ∂/∂Z_l when layer l is
     a residual block (Z_l = Z_{l-1} + act(h_l)); then D_{l-1} = act'(h_{l-1}) ⊙ ∂/∂Z_{l-1}.
 
@@ -106,7 +110,7 @@ def backward_deltas(
         residual_block = arch == "resmlp" and layer < depth - 1
         grad_z = torch.baddbmm(grad_skip, delta, weights[layer]) if residual_block else torch.bmm(delta, weights[layer])
         yield layer, delta
-        delta = activation_backward(grad_z, pre_activations[layer - 1])
+        delta = activation_backward(grad_z, activations[layer - 1])
         grad_skip = grad_z
     yield 0, delta
 
@@ -250,13 +254,13 @@ class PackTrainer:
         spec = self.model.spec
         depth = spec.depth
         weights, biases = group.parameters[:depth], group.parameters[depth:] or None
-        output, inputs, pre_activations = forward_layers(x, weights, biases, spec.arch, spec.activation)
+        output, inputs, activations = forward_layers(x, weights, biases, spec.arch, spec.activation, in_place=True)
         losses, output_gradient = batch_loss_and_output_gradient(output, y, self.loss)
         failed = ~torch.isfinite(losses)
         state = [*group.parameters, *group.momenta]
         kept = [t[failed] for t in state] if bool(failed.any()) else []
         rates, decays = group.learning_rates, group.weight_decays
-        for layer, delta in backward_deltas(output_gradient, weights, pre_activations, arch=spec.arch, activation=spec.activation):
+        for layer, delta in backward_deltas(output_gradient, weights, activations, arch=spec.arch, activation=spec.activation):
             weight, momentum = weights[layer], group.momenta[layer]
             momentum.baddbmm_(delta.transpose(1, 2), inputs[layer], beta=self.momentum)
             momentum.addcmul_(weight, decays)

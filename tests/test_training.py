@@ -106,9 +106,9 @@ def test_hand_written_backward_matches_autograd(arch, activation, bias, loss, de
 
     weights = pack.weight_matrices()
     with torch.no_grad():
-        output, inputs, pre_activations = forward_layers(xb, weights, pack.bias_vectors(), arch, activation)
+        output, inputs, activations = forward_layers(xb, weights, pack.bias_vectors(), arch, activation, in_place=True)
         losses, output_gradient = batch_loss_and_output_gradient(output, yb, loss)
-        layers_and_deltas = list(backward_deltas(output_gradient, weights, pre_activations, arch=arch, activation=activation))
+        layers_and_deltas = list(backward_deltas(output_gradient, weights, activations, arch=arch, activation=activation))
     assert [layer for layer, _ in layers_and_deltas] == list(range(depth - 1, -1, -1))
     deltas = [delta for _, delta in layers_and_deltas][::-1]
     gradients = [d.transpose(1, 2) @ z for d, z in zip(deltas, inputs)] + ([d.sum(1) for d in deltas] if bias else [])
