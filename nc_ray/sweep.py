@@ -51,7 +51,8 @@ _reaped_since_fit = False  # whether `nc_ray.reaper` has watched this process si
 # The raylet connects to its own object store, which a thread of the raylet starts, while the
 # store may not yet listen; Ray's default then retries after 1 s (raylet_client_connect_timeout_
 # milliseconds), which made about half of all embedded starts here 1 s slower (BENCHMARKS.md,
-# "Ray start"). Retrying every 20 ms for as long in all (500 x 20 ms = 10 x 1 s) removes it.
+# "What changed since the 2.65-2.88x measurements"). Retrying every 20 ms for as long in all
+# (500 x 20 ms = 10 x 1 s) removes it.
 # Only a Ray this process starts takes a system config: ray.init refuses one when joining.
 _EMBEDDED_RAY_CONFIG = {"raylet_client_connect_timeout_milliseconds": 20, "raylet_client_num_connect_attempts": 500}
 
