@@ -464,8 +464,8 @@ def resume_sweep(
                 connect()
             damaged = _plan_unfinished(spec, store, cluster_resources()).packs
             runs = _tune_runs(store)
-            restore = bool(runs) and tune.Tuner.can_restore(store.path(runs[-1]), storage_filesystem=store.fs)
-            _search(spec, store, damaged, show_progress, restore=restore)
+            restorable = bool(runs) and tune.Tuner.can_restore(store.path(runs[-1]), storage_filesystem=store.fs)
+            _search(spec, store, damaged, show_progress, restore=runs[-1] if restorable else None)
     return store
 
 
@@ -485,17 +485,17 @@ def _train_unfinished(spec: SweepSpec, store: SweepStore, show_progress: bool, r
         if plan.packs:
             _fit(spec, store, _new_tune_run(store, spec), plan.packs, restore=False, show_progress=show_progress)
         return
-    _search(spec, store, plan.packs, show_progress, restore=False)
+    _search(spec, store, plan.packs, show_progress, restore=None)
 
 
-def _search(spec: SweepSpec, store: SweepStore, damaged: list[PackPlan], show_progress: bool, *, restore: bool) -> None:
-    """An optuna sweep's search, then its `damaged` packs. With `restore`, the sweep's last Tune
-    experiment continues (its searcher holds the study's pending trials); otherwise a new one runs
+def _search(spec: SweepSpec, store: SweepStore, damaged: list[PackPlan], show_progress: bool, *, restore: str | None) -> None:
+    """An optuna sweep's search, then its `damaged` packs. With `restore` (the sweep's last Tune
+    experiment), that experiment continues (its searcher holds the study's pending trials); otherwise a new one runs
     while the study has fewer than num_samples complete trials. The damaged packs then train again,
     one trial each, in an experiment of their own: the search's stays the sweep's last until then,
     so a resume interrupted before restores the search. The study keeps its trials' first values."""
-    if restore:
-        _fit(spec, store, _tune_runs(store)[-1], [], restore=True, show_progress=show_progress)
+    if restore is not None:
+        _fit(spec, store, restore, [], restore=True, show_progress=show_progress)
     elif study_trials(spec, store)[1] < spec.search.num_samples:
         _fit(spec, store, _new_tune_run(store, spec), [], restore=False, show_progress=show_progress)
     if damaged:
