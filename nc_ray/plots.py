@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -72,10 +73,15 @@ def _render(index: int) -> bytes:
 def render_pngs(figures: Mapping[str, Figure], processes: int | None = None) -> dict[str, bytes]:
     """PNG bytes of each figure. Rendering is most of `nc-ray phase`'s and `report`'s time and
     holds the GIL, so several figures are rendered by forked processes, one per core (default),
-    which inherit the figures instead of receiving them pickled; one at a time where fork is missing."""
+    which inherit the figures instead of receiving them pickled.
+
+    One at a time where fork is missing, and in a process with other Python threads (a Ray
+    driver's, say): a forked child gets a copy of every lock those threads held at that moment,
+    never released in the child, and can block on one for ever (one did, in CI: its parent waited
+    in `Pool.terminate` because Ray's SIGTERM handler, inherited, never ran in the blocked child)."""
     global _TO_RENDER
     processes = min(processes or os.cpu_count() or 1, len(figures))
-    if processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if processes < 2 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
         return {name: png_bytes(figure) for name, figure in figures.items()}
     _TO_RENDER = list(figures.values())
     try:

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib.image
@@ -239,3 +244,56 @@ def test_phase_goes_on_when_the_final_epoch_files_are_damaged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "phase table:" in out and "heatmap_train_acc" in out
     assert "relation_" not in out  # no complete member has a readable final epoch to relate
+
+
+# Each figure holds an artist that records the pid drawing it and needs LOCK. In a fresh interpreter
+# (no Ray threads) render_pngs forks; with a thread holding LOCK it must render in this process,
+# since a forked child would inherit LOCK held and wait for it for ever.
+RENDER_SCRIPT = textwrap.dedent("""
+    import os, sys, threading, time
+    from matplotlib.artist import Artist
+    from matplotlib.figure import Figure
+    from nc_ray.plots import png_bytes, render_pngs
+
+    LOCK = threading.Lock()
+    PIDS = sys.argv[1]
+
+    class NeedsLock(Artist):
+        def draw(self, renderer):
+            with LOCK, open(PIDS, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+
+    def figures():
+        out = {}
+        for i in range(4):
+            figure = Figure(figsize=(2, 2))
+            figure.add_subplot().plot([0, 1], [0, i])
+            figure.add_artist(NeedsLock())
+            out[f"f{i}"] = figure
+        return out
+
+    forked = render_pngs(figures(), processes=2)
+    assert forked == {name: png_bytes(f) for name, f in figures().items()}
+    print("forked", len(set(open(PIDS).read().split()) - {str(os.getpid())}) > 0)
+    open(PIDS, "w").close()
+
+    LOCK.acquire()
+    holder = threading.Thread(target=lambda: (time.sleep(1.0), LOCK.release()))
+    holder.start()
+    assert render_pngs(figures(), processes=2).keys() == {"f0", "f1", "f2", "f3"}
+    holder.join()
+    print("threaded", set(open(PIDS).read().split()) == {str(os.getpid())})
+""")
+
+
+def test_figures_render_in_forked_processes_only_when_no_other_thread_could_hold_a_lock(tmp_path):
+    # Its own session, so that a hang kills the forked children with it.
+    process = subprocess.Popen([sys.executable, "-c", RENDER_SCRIPT, str(tmp_path / "pids")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, err
+    assert out.split() == ["forked", "True", "threaded", "True"]
